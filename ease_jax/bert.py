@@ -1,0 +1,512 @@
+"""BERT text encoder in Flax Linen, and loading of Hugging Face BERT checkpoints without torch.
+
+LNLN and EASE fine-tune a BERT (bert-base-uncased for MOSI / MOSEI, bert-base-chinese for SIMS) and
+feed its last hidden states (B, L, 768) to the text encoder. transformers 5.x has no Flax models, so
+the architecture is written here and reads the same `model.safetensors` files the PyTorch models use.
+
+Architecture (post-LN BERT, Devlin et al. 2019), B = batch, L = tokens, H = hidden size:
+
+    x = LayerNorm(word_emb[ids] + type_emb[types] + pos_emb[0..L-1])          (B, L, H)
+    per layer:
+        a = softmax(q k^T / sqrt(d_head) + mask_bias) v      (per head; softmax in float32)
+        x = LayerNorm(x + Dense(a))
+        x = LayerNorm(x + Dense(act(Dense(x))))                      (act: erf GELU for BERT)
+    pooled = tanh(Dense(x[:, 0]))                                                  (B, H)
+
+Parameter tree (`params` of `BertModel.init`; kernels are (in, out), i.e. PyTorch weights transposed):
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/layer_norm/{scale,bias}
+    layer_{i}/attention/{query,key,value,output}/{kernel,bias}
+    layer_{i}/attention_layer_norm/{scale,bias}
+    layer_{i}/intermediate/{kernel,bias}         (H -> intermediate_size)
+    layer_{i}/output/{kernel,bias}               (intermediate_size -> H)
+    layer_{i}/output_layer_norm/{scale,bias}
+    pooler/{kernel,bias}
+
+Typical use:
+
+    module, params = load_bert("/path/to/bert-base-uncased")
+    batch = tokenize(["a fine movie"], "/path/to/bert-base-uncased", max_len=50)
+    hidden = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                          batch["token_type_ids"])                             # (1, 50, 768)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["BertConfig", "BertModel", "load_bert", "tokenize"]
+
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+# BERT's own initialiser (truncation aside): N(0, 0.02) for every weight matrix and embedding table.
+_INIT_STD = 0.02
+# Seed of the pooler drawn when a checkpoint has none (see `load_bert`).
+_POOLER_INIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT encoder; the field names are those of Hugging Face `config.json`.
+
+    Defaults are bert-base-uncased. `hidden_act`: "gelu" (exact erf GELU, as BERT),
+    "gelu_new" / "gelu_pytorch_tanh" (tanh approximation) or "relu".
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def base_uncased(cls) -> BertConfig:
+        """bert-base-uncased: 12 layers, 768 wide, 12 heads, vocabulary 30522 (109,482,240 params)."""
+        return cls()
+
+    @classmethod
+    def base_chinese(cls) -> BertConfig:
+        """bert-base-chinese: as bert-base-uncased with vocabulary 21128 (102,267,648 params)."""
+        return cls(vocab_size=21128)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> BertConfig:
+        """Reads the fields of this class from a Hugging Face config dict; other keys are ignored.
+
+        Missing fields take the bert-base-uncased defaults (as Hugging Face's BertConfig does).
+        Raises ValueError, naming `source`, for a `model_type` other than "bert" or a
+        `position_embedding_type` other than "absolute" (relative position variants are not built).
+        """
+        model_type = d.get("model_type")
+        if model_type is not None and model_type != "bert":
+            raise ValueError(f"{source}: model_type is {model_type!r}, expected 'bert'")
+        position_type = d.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"{source}: position_embedding_type {position_type!r} is not supported "
+                "(only 'absolute')"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in fields})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BertConfig:
+        """Reads a Hugging Face `config.json` (see `from_dict`)."""
+        path = Path(path)
+        with path.open() as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(_INIT_STD),
+        name=name,
+    )
+
+
+def _layer_norm(config: BertConfig, dtype: Any, name: str) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 even for bfloat16 inputs.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+class BertEmbeddings(nn.Module):
+    """Word + token type + absolute position embeddings, then LayerNorm: (B, L) ids -> (B, L, H)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
+        c = self.config
+        length = input_ids.shape[1]
+        if length > c.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings "
+                f"{c.max_position_embeddings}"
+            )
+
+        def embed(num, name):
+            return nn.Embed(
+                num,
+                c.hidden_size,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                embedding_init=nn.initializers.normal(_INIT_STD),
+                name=name,
+            )
+
+        words = embed(c.vocab_size, "word_embeddings")(input_ids)  # (B, L, H)
+        types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)  # (B, L, H)
+        positions = embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(length))
+        x = words + types + positions[None]  # same summation order as the PyTorch model
+        x = _layer_norm(c, self.dtype, "layer_norm")(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention with output projection (no residual): (B, L, H) -> (B, L, H)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, mask_bias, deterministic: bool = True):
+        """`mask_bias`: (B, 1, 1, L) float32, 0 for attended keys and a large negative otherwise."""
+        c = self.config
+        batch, length, _ = x.shape
+
+        def heads(name):  # (B, L, H) -> (B, L, n_heads, d_head)
+            y = _dense(c.hidden_size, self.dtype, name)(x)
+            return y.reshape(batch, length, c.num_attention_heads, c.head_dim)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32)  # (B, n, L, L)
+        scores = scores / math.sqrt(c.head_dim) + mask_bias
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
+        context = context.reshape(batch, length, c.hidden_size)
+        return _dense(c.hidden_size, self.dtype, "output")(context)
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder layer: attention + residual + LN, feed-forward + residual + LN."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, mask_bias, deterministic: bool = True):
+        c = self.config
+        drop = nn.Dropout(self.dropout_rate)
+        attended = BertSelfAttention(c, self.dtype, self.dropout_rate, name="attention")(
+            x, mask_bias, deterministic
+        )
+        x = _layer_norm(c, self.dtype, "attention_layer_norm")(
+            x + drop(attended, deterministic=deterministic)
+        )
+        hidden = _ACTIVATIONS[c.hidden_act](
+            _dense(c.intermediate_size, self.dtype, "intermediate")(x)
+        )
+        out = _dense(c.hidden_size, self.dtype, "output")(hidden)
+        return _layer_norm(c, self.dtype, "output_layer_norm")(
+            x + drop(out, deterministic=deterministic)
+        )
+
+
+class BertModel(nn.Module):
+    """BERT encoder with pooler, as Hugging Face's `BertModel` (no prediction heads).
+
+    Attributes:
+      config: the architecture.
+      dtype: computation dtype (e.g. jnp.bfloat16 on GPU); parameters stay float32, the attention
+        softmax and LayerNorm statistics are computed in float32 and outputs are returned in float32.
+      dropout_rate: dropout after the embeddings, on the attention probabilities and on both residual
+        branches, applied only when `deterministic=False` (needs a "dropout" rng). 0 by default, as in
+        the LNLN / EASE protocol; Hugging Face checkpoints were trained with 0.1.
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        deterministic: bool = True,
+        return_pooled: bool = False,
+    ):
+        """Encodes token ids.
+
+        Args:
+          input_ids: (B, L) int token ids, L <= max_position_embeddings.
+          attention_mask: (B, L), 1 (or True) for real tokens and 0 for padding; None = all ones.
+            Padded positions are still computed (as in PyTorch) but no position attends to them.
+          token_type_ids: (B, L) int segment ids; None = all zeros.
+          deterministic: disables dropout (irrelevant when dropout_rate is 0).
+          return_pooled: also return the pooled output.
+
+        Returns:
+          last hidden state (B, L, H) float32; with `return_pooled`, the pair
+          (last hidden state (B, L, H), pooled output tanh(Dense(h[:, 0])) (B, H)), both float32.
+        """
+        c = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        for name, arr in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if arr.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} has shape {arr.shape}, expected input_ids' shape {input_ids.shape}"
+                )
+
+        # Additive key mask, broadcast over heads and queries: (B, 1, 1, L).
+        neg = jnp.finfo(jnp.float32).min
+        mask_bias = jnp.where(attention_mask[:, None, None, :] != 0, 0.0, neg).astype(jnp.float32)
+
+        x = BertEmbeddings(c, self.dtype, self.dropout_rate, name="embeddings")(
+            input_ids, token_type_ids, deterministic
+        )
+        for i in range(c.num_hidden_layers):
+            x = BertLayer(c, self.dtype, self.dropout_rate, name=f"layer_{i}")(
+                x, mask_bias, deterministic
+            )
+        # The pooler always runs so that its parameters always exist (as in the checkpoints);
+        # under jit it is dead code when only the hidden states are used.
+        pooled = jnp.tanh(_dense(c.hidden_size, self.dtype, "pooler")(x[:, 0]))
+        hidden = x.astype(jnp.float32)
+        if return_pooled:
+            return hidden, pooled.astype(jnp.float32)
+        return hidden
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+
+
+def _checkpoint_layout(config: BertConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """(checkpoint module prefix, Flax module path, kind) for every parameterised module."""
+    layout = [
+        ("embeddings.word_embeddings", ("embeddings", "word_embeddings"), "embed"),
+        ("embeddings.position_embeddings", ("embeddings", "position_embeddings"), "embed"),
+        ("embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings"), "embed"),
+        ("embeddings.LayerNorm", ("embeddings", "layer_norm"), "norm"),
+    ]
+    for i in range(config.num_hidden_layers):
+        hf, fx = f"encoder.layer.{i}", f"layer_{i}"
+        layout += [
+            (f"{hf}.attention.self.query", (fx, "attention", "query"), "dense"),
+            (f"{hf}.attention.self.key", (fx, "attention", "key"), "dense"),
+            (f"{hf}.attention.self.value", (fx, "attention", "value"), "dense"),
+            (f"{hf}.attention.output.dense", (fx, "attention", "output"), "dense"),
+            (f"{hf}.attention.output.LayerNorm", (fx, "attention_layer_norm"), "norm"),
+            (f"{hf}.intermediate.dense", (fx, "intermediate"), "dense"),
+            (f"{hf}.output.dense", (fx, "output"), "dense"),
+            (f"{hf}.output.LayerNorm", (fx, "output_layer_norm"), "norm"),
+        ]
+    layout.append(("pooler.dense", ("pooler",), "dense"))
+    return layout
+
+
+# Flax parameter name -> checkpoint tensor names (first found wins; gamma / beta are legacy names).
+_PARAM_NAMES = {
+    "embed": {"embedding": ("weight",)},
+    "dense": {"kernel": ("weight",), "bias": ("bias",)},
+    "norm": {"scale": ("weight", "gamma"), "bias": ("bias", "beta")},
+}
+
+
+def _abstract_params(module: BertModel) -> dict:
+    """Parameter shapes of `module` (ShapeDtypeStructs), without allocating anything."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(module.init, jax.random.key(0), ids, ids, ids)["params"]
+
+
+def _init_pooler(config: BertConfig) -> dict:
+    dense = _dense(config.hidden_size, jnp.float32, "pooler")
+    x = jnp.zeros((1, config.hidden_size), jnp.float32)
+    return dense.init(jax.random.key(_POOLER_INIT_SEED), x)["params"]
+
+
+def load_bert(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[BertModel, dict]:
+    """Builds a `BertModel` from a Hugging Face checkpoint directory, without torch.
+
+    The directory must hold `config.json` (model_type "bert") and `model.safetensors`. Tensor names
+    may carry the `bert.` prefix (task models such as BertForSequenceClassification) or not
+    (BertModel); prediction heads (`cls.*`, `classifier.*`) and `position_ids` buffers are ignored.
+    PyTorch Linear weights (out, in) become Flax kernels (in, out); LayerNorm weight / bias (or the
+    legacy gamma / beta) become scale / bias. A checkpoint without a pooler gets one drawn from
+    N(0, 0.02) with a fixed seed and a warning (the EASE / LNLN models use only the hidden states).
+
+    Args:
+      path: the checkpoint directory.
+      dtype: computation dtype of the returned module; parameters are always float32.
+
+    Returns:
+      (module, params): use as `module.apply({"params": params}, input_ids, attention_mask,
+      token_type_ids)` -> (B, L, H).
+
+    Raises:
+      FileNotFoundError: the directory, `config.json` or `model.safetensors` is missing.
+      ValueError: a non-BERT config, a missing tensor (named) or a tensor of the wrong shape (named,
+        with the expected and the found shape, both in the checkpoint's (out, in) layout).
+    """
+    from safetensors import safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"BERT checkpoint directory {root} not found; expected a Hugging Face directory "
+            "with config.json and model.safetensors"
+        )
+    config_file = root / "config.json"
+    weights_file = root / "model.safetensors"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found; a BERT checkpoint directory needs it")
+    if not weights_file.is_file():
+        hint = ""
+        if (root / "pytorch_model.bin").is_file():
+            hint = " (only pytorch_model.bin is present: convert it to safetensors, loading it needs torch)"
+        raise FileNotFoundError(f"{weights_file} not found{hint}")
+
+    config = BertConfig.from_json(config_file)
+    module = BertModel(config, dtype=dtype)
+    shapes = _abstract_params(module)
+
+    with safe_open(str(weights_file), framework="np") as f:
+        keys = set(f.keys())
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
+
+        def find(module_key: str, names: Sequence[str]) -> str | None:
+            for name in names:
+                if f"{prefix}{module_key}.{name}" in keys:
+                    return f"{prefix}{module_key}.{name}"
+            return None
+
+        params: dict = {}
+        used = set()
+        for hf_module, flax_path, kind in _checkpoint_layout(config):
+            found = {p: find(hf_module, names) for p, names in _PARAM_NAMES[kind].items()}
+            if hf_module == "pooler.dense" and not any(found.values()):
+                warnings.warn(
+                    f"{weights_file} has no pooler; it is initialised randomly "
+                    f"(N(0, {_INIT_STD}), seed {_POOLER_INIT_SEED}); the hidden states are unaffected",
+                    stacklevel=2,
+                )
+                params["pooler"] = _init_pooler(config)
+                continue
+            node = params
+            for part in flax_path:
+                node = node.setdefault(part, {})
+            expected_node = shapes
+            for part in flax_path:
+                expected_node = expected_node[part]
+            for flax_name, names in _PARAM_NAMES[kind].items():
+                key = found[flax_name]
+                if key is None:
+                    tried = " or ".join(f"{prefix}{hf_module}.{n}" for n in names)
+                    raise ValueError(f"{weights_file}: missing tensor {tried}")
+                tensor = f.get_tensor(key)
+                expected = tuple(expected_node[flax_name].shape)
+                if flax_name == "kernel":
+                    expected = expected[::-1]  # checkpoint stores Linear weights as (out, in)
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"{weights_file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                        f"{expected} for the config in {config_file}"
+                    )
+                tensor = np.asarray(tensor, dtype=np.float32)
+                node[flax_name] = jnp.asarray(tensor.T if flax_name == "kernel" else tensor)
+                used.add(key)
+
+    ignored_heads = ("cls.", "classifier.", "qa_outputs.")
+    unused = sorted(
+        k for k in keys - used if not k.endswith("position_ids") and not k.startswith(ignored_heads)
+    )
+    if unused:
+        warnings.warn(
+            f"{weights_file}: {len(unused)} tensors not used by BertModel, e.g. {unused[:5]}",
+            stacklevel=2,
+        )
+    return module, params
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(directory: str):
+    from transformers import BertTokenizerFast
+
+    # from_pretrained reads the directory's own tokenizer settings (lower-casing: bert-base-uncased
+    # lower-cases, bert-base-chinese does not; default lower-case when only vocab.txt is present).
+    return BertTokenizerFast.from_pretrained(directory, local_files_only=True)
+
+
+def tokenize(texts: Sequence[str], vocab_or_dir: str | Path, max_len: int) -> dict[str, np.ndarray]:
+    """WordPiece-tokenises `texts` with a local BERT vocabulary (never downloads).
+
+    Args:
+      texts: N strings.
+      vocab_or_dir: a `vocab.txt` file or a directory containing it (and optionally the
+        checkpoint's tokenizer files, whose settings are then used).
+      max_len: every row is padded with [PAD] (0) or truncated to this length, keeping
+        [CLS] first and [SEP] as the last real token.
+
+    Returns:
+      {"input_ids", "attention_mask", "token_type_ids"}: int32 arrays of shape (N, max_len).
+    """
+    path = Path(vocab_or_dir)
+    directory = path.parent if path.is_file() else path
+    if not (directory / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{directory / 'vocab.txt'} not found; expected a BERT vocabulary")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    encoded = _tokenizer(str(directory.resolve()))(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_len,
+        return_tensors="np",
+    )
+    return {
+        k: np.asarray(encoded[k], dtype=np.int32)
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    }

@@ -1,0 +1,440 @@
+"""Missingness simulation (PROTOCOL.md section 2): keep masks and their application.
+
+A *keep mask* is a bool array per modality, True = observed:
+
+* ``"text"`` (N, L) over BERT token positions,
+* ``"text_features"`` (N, L_f) over rows of the precomputed text features (when present),
+* ``"audio"`` (N, T_a) and ``"vision"`` (N, T_v) over frames.
+
+Mask makers:
+
+* :func:`eval_keep_masks` -- the reference evaluation masks, bit for bit (legacy NumPy seeding).
+* :func:`inter_modal_keep_masks` -- whole modalities present / absent (the six subsets).
+* :func:`burst_keep_masks` -- temporally correlated missingness (two-state Markov chain).
+* :func:`train_keep_masks` -- the training protocol, in JAX, redrawn from a PRNG key every step.
+
+:func:`apply_keep_masks` turns a batch (canonical keys of :meth:`ease_jax.data.mmsa.Split.arrays`)
+and keep masks into the incomplete batch the models see, plus the observed per-sample missing rate.
+
+Validity: text position j of row i is valid iff ``text_mask[i, j] == 1``; frame t iff
+``t < lengths[i]``; every text-feature row is valid. Only valid positions are ever dropped. Text
+position 0 ([CLS]) and the last valid token ([SEP]) are always kept. As in the reference, the last
+valid index is ``argmin(text_mask) - 1``, which is ``-1`` (the last position) for a row without
+padding; for a degenerate all-padding row the forced positions are padding and stay untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "INTER_MODAL_SUBSETS",
+    "MODALITIES",
+    "UNK_ID",
+    "apply_keep_masks",
+    "burst_keep_masks",
+    "burst_transition_probs",
+    "eval_keep_masks",
+    "inter_modal_keep_masks",
+    "train_keep_masks",
+    "train_missing_rates",
+    "valid_masks",
+]
+
+MODALITIES = ("text", "audio", "vision")
+INTER_MODAL_SUBSETS = ("l", "a", "v", "la", "lv", "av")
+UNK_ID = 100  # [UNK] in both bert-base-uncased and bert-base-chinese
+TEXT_MODES = ("bert", "features")
+_LETTER = {"l": "text", "a": "audio", "v": "vision"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers (NumPy)
+# ---------------------------------------------------------------------------------------------
+
+
+def _host_arrays(split: Any) -> Mapping[str, Any]:
+    """Canonical arrays of a Split or of a batch dict."""
+    if hasattr(split, "arrays") and callable(split.arrays):
+        return split.arrays()
+    if isinstance(split, Mapping):
+        return split
+    raise TypeError(f"split: expected a Split or a dict of arrays, got {type(split).__name__}")
+
+
+def _check_rate(rate: float) -> float:
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate: expected a missing rate in [0, 1], got {rate}")
+    return rate
+
+
+def _np_text_valid(arrays: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(arrays["text_mask"]).astype(np.int64)
+
+
+def _np_frame_valid(arrays: Mapping[str, Any], m: str) -> np.ndarray:
+    t_len = np.shape(arrays[m])[1]
+    lengths = np.asarray(arrays[f"{m}_lengths"])
+    return np.arange(t_len)[None, :] < lengths[:, None]
+
+
+def _np_force_text_ends(keep: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Keep [CLS] (position 0) and the last valid token (argmin(mask) - 1, -1 = last position)."""
+    keep = keep.copy()
+    n = keep.shape[0]
+    if keep.shape[1] == 0:
+        return keep
+    keep[:, 0] = True
+    keep[np.arange(n), np.argmin(attention_mask, axis=1) - 1] = True
+    return keep
+
+
+def _features_shape(arrays: Mapping[str, Any]) -> tuple[int, int] | None:
+    tf = arrays.get("text_features")
+    return None if tf is None else (int(np.shape(tf)[0]), int(np.shape(tf)[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation masks (reference protocol, bit-exact)
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_keep_masks(split: Any, rate: float, *, seed: int = 1111) -> dict[str, np.ndarray]:
+    """Reference evaluation keep masks at missing rate ``rate`` (PROTOCOL.md section 2).
+
+    For text ``np.random.seed(seed); u = np.random.uniform(size=(N, L))``,
+    ``keep = (u > rate) * attention_mask``, then [CLS] and the last valid token are forced kept;
+    audio and vision each reseed with ``seed`` and draw ``uniform(size=(N, T))``,
+    ``keep = (u > rate) * (arange(T) < lengths)``. Identical masks for every model and training
+    seed, bit for bit with the LNLN/EASE code.
+
+    ``"text_features"`` (project decision; the reference has no such mode): when the features are
+    per token (L_f == L) the mask is the text token mask itself; otherwise (e.g. utterance-level
+    features, L_f = 1) reseed with ``seed`` and ``keep = uniform(size=(N, L_f)) > rate`` (every row
+    valid, nothing forced). The global NumPy RNG state is restored afterwards.
+
+    Args:
+      split: a :class:`~ease_jax.data.mmsa.Split` or a dict with the canonical keys.
+      rate: missing rate in [0, 1].
+    Returns:
+      dict of bool arrays ``text`` (N, L), ``audio`` (N, T_a), ``vision`` (N, T_v) and, with text
+      features, ``text_features`` (N, L_f).
+    """
+    rate = _check_rate(rate)
+    arrays = _host_arrays(split)
+    attention = _np_text_valid(arrays)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        u = np.random.uniform(size=attention.shape)
+        keep_text = _np_force_text_ends((u > rate) * attention > 0, attention)
+        out = {"text": keep_text}
+        for m in ("audio", "vision"):
+            valid = _np_frame_valid(arrays, m)
+            np.random.seed(seed)
+            u = np.random.uniform(size=valid.shape)
+            out[m] = (u > rate) * valid
+        fshape = _features_shape(arrays)
+        if fshape is not None:
+            if fshape[1] == attention.shape[1]:
+                out["text_features"] = keep_text.copy()
+            else:
+                np.random.seed(seed)
+                out["text_features"] = np.random.uniform(size=fshape) > rate
+    finally:
+        np.random.set_state(state)
+    return {k: out[k] for k in ("text", "text_features", "audio", "vision") if k in out}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inter-modal masks
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_present(present: str | Iterable[str]) -> frozenset[str]:
+    if isinstance(present, str):
+        if present in MODALITIES:
+            return frozenset({present})
+        if not present or any(c not in _LETTER for c in present):
+            raise ValueError(
+                f"present: expected letters from 'lav' (one of {INTER_MODAL_SUBSETS}) or "
+                f"modality names {MODALITIES}, got {present!r}")
+        return frozenset(_LETTER[c] for c in present)
+    names = frozenset(present)
+    bad = names - set(MODALITIES)
+    if bad or not names:
+        raise ValueError(f"present: unknown modalities {sorted(bad)}; expected from {MODALITIES}")
+    return names
+
+
+def inter_modal_keep_masks(split: Any, present: str | Iterable[str]) -> dict[str, np.ndarray]:
+    """Keep masks for the inter-modal protocol: ``present`` fully observed, the rest at rate 1.0.
+
+    ``present`` is one of ``INTER_MODAL_SUBSETS`` ("l", "a", "v", "la", "lv", "av"; l = language)
+    or an iterable of modality names. Present modalities keep every valid position; absent text
+    keeps only [CLS] and the last valid token (all other tokens become [UNK]); absent text features
+    and absent audio / vision are dropped entirely. Equals :func:`eval_keep_masks` at rate 0 /
+    rate 1 per modality (no random draw is needed).
+    """
+    names = _parse_present(present)
+    arrays = _host_arrays(split)
+    attention = _np_text_valid(arrays)
+    text_present = "text" in names
+    keep_text = attention > 0 if text_present else np.zeros(attention.shape, bool)
+    out = {"text": _np_force_text_ends(keep_text, attention)}
+    fshape = _features_shape(arrays)
+    if fshape is not None:
+        out["text_features"] = np.full(fshape, text_present)
+    for m in ("audio", "vision"):
+        valid = _np_frame_valid(arrays, m)
+        out[m] = valid.copy() if m in names else np.zeros(valid.shape, bool)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Burst (Markov) masks
+# ---------------------------------------------------------------------------------------------
+
+
+def burst_transition_probs(rate: float, mean_burst: float) -> tuple[float, float, float]:
+    """Transition probabilities of the observed/dropped chain for a target ``rate``.
+
+    With ``a = P(observed -> dropped)`` and ``b = P(dropped -> observed)`` the stationary drop
+    probability is ``a / (a + b)`` and the mean dropped-run length is ``1 / b``. Solving for
+    ``rate`` and ``mean_burst`` gives ``b = 1 / mean_burst`` and ``a = b * rate / (1 - rate)``.
+    ``a`` is a probability only while ``rate <= mean_burst / (1 + mean_burst)`` (0.833 for bursts
+    of 5); above that the rate wins: ``a = 1`` and ``b = (1 - rate) / rate``, i.e. bursts grow to
+    mean length ``rate / (1 - rate)`` (9 at rate 0.9) and observed runs have length exactly 1.
+    ``rate = 1`` drops everything.
+
+    Returns:
+      (a, b, effective mean burst length).
+    """
+    rate = _check_rate(rate)
+    mean_burst = float(mean_burst)
+    if not mean_burst >= 1.0:
+        raise ValueError(f"mean_burst: expected a mean run length >= 1, got {mean_burst}")
+    if rate == 0.0:
+        return 0.0, 1.0 / mean_burst, mean_burst
+    if rate == 1.0:
+        return 1.0, 0.0, float("inf")
+    b = 1.0 / mean_burst
+    a = b * rate / (1.0 - rate)
+    if a > 1.0:
+        a = 1.0
+        b = (1.0 - rate) / rate
+    return a, b, 1.0 / b
+
+
+def _markov_drops(rng: np.random.Generator, shape: tuple[int, int], rate: float, a: float,
+                  b: float) -> np.ndarray:
+    """(N, T) bool dropped states of independent stationary two-state chains."""
+    n, t_len = shape
+    u = rng.random((n, t_len))
+    dropped = np.empty((n, t_len), bool)
+    if t_len == 0:
+        return dropped
+    dropped[:, 0] = u[:, 0] < rate  # start in the stationary distribution
+    for t in range(1, t_len):
+        prev = dropped[:, t - 1]
+        dropped[:, t] = np.where(prev, u[:, t] >= b, u[:, t] < a)
+    return dropped
+
+
+def burst_keep_masks(split: Any, rate: float, *, mean_burst: float = 5.0,
+                     seed: int = 1111) -> dict[str, np.ndarray]:
+    """Temporally correlated missingness: bursts of consecutive dropped tokens / frames.
+
+    Per sequence a two-state (observed / dropped) Markov chain runs over positions, started in its
+    stationary distribution, with stationary drop probability ``rate`` and mean dropped-run length
+    ``mean_burst`` (see :func:`burst_transition_probs`, also for what happens at high rates). Only
+    valid positions can be dropped (a chain over the whole row restricted to the valid prefix is
+    again a stationary chain); text [CLS] and the last valid token are kept, so the text drop rate
+    is slightly below ``rate`` exactly as in the i.i.d. protocol. Text features with L_f == L use
+    the text mask; otherwise their own chain over the L_f rows. Each modality draws from its own
+    child of ``numpy.random.SeedSequence(seed)``: deterministic, independent of the global RNG.
+    """
+    rate = _check_rate(rate)
+    a, b, _ = burst_transition_probs(rate, mean_burst)
+    arrays = _host_arrays(split)
+    attention = _np_text_valid(arrays)
+    rngs = [np.random.default_rng(c) for c in np.random.SeedSequence(seed).spawn(4)]
+    keep_text = ~_markov_drops(rngs[0], attention.shape, rate, a, b) & (attention > 0)
+    out = {"text": _np_force_text_ends(keep_text, attention)}
+    fshape = _features_shape(arrays)
+    if fshape is not None:
+        if fshape[1] == attention.shape[1]:
+            out["text_features"] = out["text"].copy()
+        else:
+            out["text_features"] = ~_markov_drops(rngs[3], fshape, rate, a, b)
+    for rng, m in zip(rngs[1:3], ("audio", "vision"), strict=True):
+        valid = _np_frame_valid(arrays, m)
+        out[m] = ~_markov_drops(rng, valid.shape, rate, a, b) & valid
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side (jnp): validity, application, training masks
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_valid(batch: Mapping[str, Any]) -> jax.Array:
+    return jnp.asarray(batch["text_mask"]) != 0
+
+
+def _frame_valid(batch: Mapping[str, Any], m: str) -> jax.Array:
+    t_len = jnp.shape(batch[m])[1]
+    lengths = jnp.asarray(batch[f"{m}_lengths"])
+    return jnp.arange(t_len)[None, :] < lengths[:, None]
+
+
+def valid_masks(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Bool validity per modality: the positions that can be dropped (jnp; jit-able).
+
+    ``text`` (N, L) = attention mask, ``audio`` / ``vision`` (N, T) = ``t < length``,
+    ``text_features`` (N, L_f) all True when present. Missing inputs are skipped.
+    """
+    out: dict[str, jax.Array] = {}
+    if "text_mask" in batch:
+        out["text"] = _text_valid(batch)
+    if batch.get("text_features") is not None:
+        shape = jnp.shape(batch["text_features"])[:2]
+        out["text_features"] = jnp.ones(shape, bool)
+    for m in ("audio", "vision"):
+        if m in batch and f"{m}_lengths" in batch:
+            out[m] = _frame_valid(batch, m)
+    return out
+
+
+def _dropped_fraction(valid: jax.Array, keep: jax.Array) -> jax.Array:
+    n_valid = jnp.sum(valid, axis=1)
+    n_dropped = jnp.sum(valid & ~keep, axis=1)
+    return jnp.where(n_valid > 0, n_dropped / jnp.maximum(n_valid, 1), 0.0).astype(jnp.float32)
+
+
+def _check_mask(name: str, keep: Any, shape: tuple[int, ...]) -> jax.Array:
+    keep = jnp.asarray(keep)
+    if keep.shape != tuple(shape):
+        raise ValueError(f"keep[{name!r}]: expected shape {tuple(shape)}, got {keep.shape}")
+    return keep.astype(bool)
+
+
+def apply_keep_masks(batch: Mapping[str, Any], keep: Mapping[str, Any], *,
+                     text_mode: str = "bert") -> dict[str, Any]:
+    """The incomplete batch: dropped inputs replaced, plus the observed missing rate.
+
+    * ``text_ids``: dropped valid tokens -> 100 ([UNK]); ``text_mask`` / ``text_types`` unchanged.
+    * ``audio`` / ``vision``: frames multiplied by their keep mask (dropped frames -> 0).
+    * ``text_features``: rows not kept -> 0.
+    * ``missing_rate`` (N, 3) float32, [text, audio, vision]: dropped valid positions / valid
+      positions (0 for a sequence without valid positions). Text uses the attention mask and
+      ``keep["text"]`` in ``text_mode="bert"``, all L_f rows and ``keep["text_features"]`` in
+      ``text_mode="features"``.
+
+    Keys not listed are passed through untouched. jnp throughout (jit-able; accepts NumPy).
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode: expected one of {TEXT_MODES}, got {text_mode!r}")
+    out = dict(batch)
+    text_rate = feat_rate = None
+
+    if batch.get("text_features") is not None and "text_features" in keep:
+        feats = jnp.asarray(batch["text_features"])
+        k = _check_mask("text_features", keep["text_features"], feats.shape[:2])
+        out["text_features"] = feats * k[:, :, None].astype(feats.dtype)
+        feat_rate = _dropped_fraction(jnp.ones(k.shape, bool), k)
+    if "text_ids" in batch and "text" in keep:
+        ids = jnp.asarray(batch["text_ids"])
+        valid = _text_valid(batch)
+        k = _check_mask("text", keep["text"], ids.shape)
+        out["text_ids"] = jnp.where(valid & ~k, jnp.asarray(UNK_ID, ids.dtype), ids)
+        text_rate = _dropped_fraction(valid, k)
+
+    if text_mode == "features":
+        if feat_rate is None:
+            raise ValueError("keep: text_mode='features' needs batch['text_features'] and "
+                             "keep['text_features']")
+        rates = [feat_rate]
+    else:
+        if text_rate is None:
+            raise ValueError("keep: text_mode='bert' needs batch['text_ids'], batch['text_mask'] "
+                             "and keep['text']")
+        rates = [text_rate]
+
+    for m in ("audio", "vision"):
+        x = jnp.asarray(batch[m])
+        k = _check_mask(m, keep[m], x.shape[:2])
+        out[m] = x * k[:, :, None].astype(x.dtype)
+        rates.append(_dropped_fraction(_frame_valid(batch, m), k))
+    out["missing_rate"] = jnp.stack(rates, axis=1)
+    return out
+
+
+def train_missing_rates(key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
+    """Per-sample training missing rates (B,) for "text", "audio", "vision".
+
+    r ~ U(0, 1) per sample, then exactly ``batch_size // 2`` samples (a random permutation,
+    independent per modality) get r = 0. Modality i uses ``fold_in(key, i)``; this is the same
+    derivation :func:`train_keep_masks` uses, so the two agree for the same key.
+    """
+    out = {}
+    n_zero = batch_size // 2
+    for i, m in enumerate(MODALITIES):
+        k_rate, k_perm, _ = jax.random.split(jax.random.fold_in(key, i), 3)
+        r = jax.random.uniform(k_rate, (batch_size,))
+        zero = jax.random.permutation(k_perm, batch_size)[:n_zero]
+        out[m] = r.at[zero].set(0.0)
+    return out
+
+
+def _jnp_force_text_ends(keep: jax.Array, attention: jax.Array) -> jax.Array:
+    b, l_len = keep.shape
+    last = (jnp.argmin(attention, axis=1) - 1) % l_len  # -1 -> last position, as in NumPy
+    keep = keep.at[:, 0].set(True)
+    return keep.at[jnp.arange(b), last].set(True)
+
+
+def train_keep_masks(key: jax.Array, batch: Mapping[str, Any], *,
+                     text_mode: str = "bert") -> dict[str, jax.Array]:
+    """Training keep masks (LNLN protocol, redrawn from ``key`` every step; jit-able).
+
+    Per sample and modality a rate r from :func:`train_missing_rates` (r ~ U(0, 1), exactly
+    floor(B/2) samples with r = 0); ``keep = (u > r) & valid`` with fresh u ~ U(0, 1) per
+    position. Text also keeps [CLS] and the last valid token. Text features (when present) share
+    the text rate r (one "language" modality) with their own noise over the L_f rows, or reuse the
+    text mask when L_f == L, mirroring :func:`eval_keep_masks`. ``text_mode`` only checks that the
+    inputs that mode needs are present.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode: expected one of {TEXT_MODES}, got {text_mode!r}")
+    has_features = batch.get("text_features") is not None
+    if text_mode == "features" and not has_features:
+        raise ValueError("batch: text_mode='features' needs batch['text_features']")
+    attention = jnp.asarray(batch["text_mask"])
+    b = attention.shape[0]
+    rates = train_missing_rates(key, b)
+    noise_keys = [jax.random.split(jax.random.fold_in(key, i), 3)[2] for i in range(3)]
+
+    def draw(k: jax.Array, r: jax.Array, valid: jax.Array) -> jax.Array:
+        u = jax.random.uniform(k, valid.shape)
+        return (u > r[:, None]) & valid
+
+    out: dict[str, jax.Array] = {}
+    keep_text = _jnp_force_text_ends(draw(noise_keys[0], rates["text"], attention != 0), attention)
+    out["text"] = keep_text
+    if has_features:
+        fshape = jnp.shape(batch["text_features"])[:2]
+        if fshape[1] == attention.shape[1]:
+            out["text_features"] = keep_text
+        else:
+            k_feat = jax.random.fold_in(key, len(MODALITIES))
+            out["text_features"] = draw(k_feat, rates["text"], jnp.ones(fshape, bool))
+    for i, m in enumerate(("audio", "vision"), start=1):
+        out[m] = draw(noise_keys[i], rates[m], _frame_valid(batch, m))
+    return out

@@ -1,0 +1,510 @@
+"""Pure loss functions of EASE (and friends) over arrays; depends only on `jax`.
+
+Every function is a pure, `jax.jit`-able function of arrays. Shapes are checked eagerly from the
+static `.shape` of the inputs (so the checks also fire while tracing under `jax.jit`) and a wrong
+rank or mismatched size raises `ValueError` naming the offending argument. Equation numbers refer to
+the EASE paper.
+
+Public functions (shapes in brackets; `...` = leading axes that broadcast against each other):
+
+- `gaussian_nll(target, mean, var)`: `[..., D] x3 -> [...]`, diagonal Gaussian NLL (Eq. 4).
+- `gaussian_cs_divergence(mean1, var1, mean2, var2)`: `[..., D] x4 -> [...]`, closed-form
+  Cauchy-Schwarz divergence between diagonal Gaussians (Eq. 17, 24).
+- `gaussian_cs_divergence_full(mean1, cov1, mean2, cov2)`: `[..., D], [..., D, D] -> [...]`, the
+  same for full covariances.
+- `adaptive_log_gram(x, y, u_x, u_y, *, tau, alpha)`: `[N, D], [M, D], [N], [M] -> [N, M]`, log of
+  the uncertainty-adaptive Gaussian kernel (Eq. 5-6).
+- `kernel_cs_divergence(x, y, *, u_x, u_y, tau, alpha, weight_x, weight_y)`:
+  `[N, D], [M, D] -> []`, empirical kernel Cauchy-Schwarz divergence (Eq. 7), in log space.
+- `consistency_mse(preds, weight)`: `[V, B] -> []`, cross-view consistency, regression (Eq. 10).
+- `distillation_mse(view_preds, full_pred, weight)`: `[V, B], [B] -> []`, asymmetric
+  full-to-subset distillation, regression (Eq. 11).
+- `consistency_kl(logits, weight, *, symmetric)`: `[V, B, C] -> []`, KL form of Eq. 10.
+- `distillation_kl(view_logits, full_logits, weight)`: `[V, B, C], [B, C] -> []`, KL form of Eq. 11.
+
+Batch-wise losses take an optional per-sample `weight` of shape `[B]` (the training engine pads
+batches with zero-weight rows). With weights, "mean over the batch" is
+`sum_b w_b l_b / max(sum_b w_b, tiny)`; `weight=None` gives the plain mean. Padded rows must still
+hold finite values (their gradients are multiplied by zero, and `0 * nan` is `nan`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = [
+    "adaptive_log_gram",
+    "consistency_kl",
+    "consistency_mse",
+    "distillation_kl",
+    "distillation_mse",
+    "gaussian_cs_divergence",
+    "gaussian_cs_divergence_full",
+    "gaussian_nll",
+    "kernel_cs_divergence",
+]
+
+_LOG_2 = math.log(2.0)
+_LOG_2PI = math.log(2.0 * math.pi)
+# Below this |x|, log cosh x is evaluated as 0.5 * log1p(sinh(x)^2) (accurate to full relative
+# precision near 0); above it as |x| + log1p(exp(-2|x|)) - log 2 (no overflow). Both are accurate
+# in between, so the exact switch point does not matter.
+_LOG_COSH_SWITCH = 4.0
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (static shapes only, so they work while tracing).
+# --------------------------------------------------------------------------------------------
+
+
+def _as_float(x: ArrayLike) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def _require_rank(fn: str, name: str, x: jax.Array, *, rank: int | None = None,
+                  min_rank: int | None = None, layout: str = "") -> None:
+    if rank is not None and x.ndim != rank:
+        raise ValueError(
+            f"{fn}: `{name}` must have rank {rank} (shape {layout}), got shape {x.shape}")
+    if min_rank is not None and x.ndim < min_rank:
+        raise ValueError(
+            f"{fn}: `{name}` must have rank >= {min_rank} (shape {layout}), got shape {x.shape}")
+
+
+def _require_size(fn: str, name: str, x: jax.Array, axis: int, size: int, what: str) -> None:
+    if x.shape[axis] != size:
+        raise ValueError(
+            f"{fn}: `{name}` has shape {x.shape}, but axis {axis} must have size {size} ({what})")
+
+
+def _broadcast_leading(fn: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]]):
+    """Broadcast shape of the leading ("batch") axes, or ValueError naming the arguments."""
+    try:
+        return jnp.broadcast_shapes(*shapes)
+    except ValueError:
+        described = ", ".join(f"`{n}` {s}" for n, s in zip(names, shapes, strict=True))
+        raise ValueError(
+            f"{fn}: leading axes do not broadcast together: {described}") from None
+
+
+def _check_weight(fn: str, weight: ArrayLike | None, batch: int, against: str) -> jax.Array | None:
+    if weight is None:
+        return None
+    weight = _as_float(weight)
+    _require_rank(fn, "weight", weight, rank=1, layout="[B]")
+    _require_size(fn, "weight", weight, 0, batch, f"B of `{against}`")
+    return weight
+
+
+def _batch_mean(per_example_loss: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """Plain mean over [B], or sum(w * l) / max(sum(w), tiny) when weights are given."""
+    if weight is None:
+        return jnp.mean(per_example_loss)
+    weighted = jnp.where(weight != 0, weight * per_example_loss, 0)
+    tiny = jnp.finfo(weighted.dtype).tiny
+    return jnp.sum(weighted) / jnp.maximum(jnp.sum(weight), tiny)
+
+
+def _log_cosh(x: jax.Array) -> jax.Array:
+    abs_x = jnp.abs(x)
+    # The clip keeps the unused branch finite, so `where` does not leak nan into gradients.
+    small = 0.5 * jnp.log1p(jnp.square(jnp.sinh(jnp.minimum(abs_x, _LOG_COSH_SWITCH))))
+    large = abs_x + jnp.log1p(jnp.exp(-2.0 * abs_x)) - _LOG_2
+    return jnp.where(abs_x < _LOG_COSH_SWITCH, small, large)
+
+
+def _pair_indices(num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    first, second = np.triu_indices(num_views, k=1)
+    return first, second
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian losses.
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_nll(target: ArrayLike, mean: ArrayLike, var: ArrayLike) -> jax.Array:
+    """Negative log-likelihood of a diagonal Gaussian, summed over the last axis (EASE Eq. 4).
+
+    nll = sum_d 0.5 * [ log(2 pi var_d) + (target_d - mean_d)^2 / var_d ]
+
+    The model-level L_ucmi averages over all elements; divide by D (and average) at the call site.
+
+    Args:
+      target: `[..., D]` observed values (e.g. the clean tokens c_m).
+      mean: `[..., D]` Gaussian mean mu.
+      var: `[..., D]` Gaussian variance (> 0), not a standard deviation.
+      Leading axes of the three broadcast against each other; D must match exactly.
+
+    Returns:
+      `[...]` NLL per leading index (the broadcast leading shape).
+    """
+    fn = "gaussian_nll"
+    target, mean, var = _as_float(target), _as_float(mean), _as_float(var)
+    for name, x in (("target", target), ("mean", mean), ("var", var)):
+        _require_rank(fn, name, x, min_rank=1, layout="[..., D]")
+    dim = target.shape[-1]
+    _require_size(fn, "mean", mean, -1, dim, "D of `target`")
+    _require_size(fn, "var", var, -1, dim, "D of `target`")
+    batch = _broadcast_leading(
+        fn, ("target", "mean", "var"), (target.shape[:-1], mean.shape[:-1], var.shape[:-1]))
+    shape = (*batch, dim)
+    target, mean, var = (jnp.broadcast_to(x, shape) for x in (target, mean, var))
+    per_dim = 0.5 * (_LOG_2PI + jnp.log(var) + jnp.square(target - mean) / var)
+    return jnp.sum(per_dim, axis=-1)
+
+
+def gaussian_cs_divergence(mean1: ArrayLike, var1: ArrayLike, mean2: ArrayLike,
+                           var2: ArrayLike) -> jax.Array:
+    """Closed-form Cauchy-Schwarz divergence between two diagonal Gaussians (EASE Eq. 17, 24).
+
+    Uses the paper's squared definition (Eq. 17) for densities p = N(mean1, diag var1) and
+    q = N(mean2, diag var2):
+
+        D_CS(p, q) = -2 log int p q + log int p^2 + log int q^2.
+
+    With int N(x; m1, v1) N(x; m2, v2) dx = N(m1; m2, v1 + v2) and int N(x; m, v)^2 dx =
+    (4 pi v)^(-1/2), the 2 pi constants cancel and (Eq. 24)
+
+        D_CS = sum_d [ (m1 - m2)^2 / (v1 + v2) + log(v1 + v2) - 0.5 log(2 v1) - 0.5 log(2 v2) ].
+
+    The log terms equal log cosh((log v1 - log v2) / 2) >= 0, which is how they are evaluated
+    (no cancellation, no overflow for far-apart variances). D_CS >= 0, symmetric, and 0 iff the
+    two Gaussians are equal. The un-squared convention (Eq. 7 style) is half of this value.
+
+    Args:
+      mean1: `[..., D]` mean of p.
+      var1: `[..., D]` variance of p (> 0).
+      mean2: `[..., D]` mean of q.
+      var2: `[..., D]` variance of q (> 0).
+      Leading axes broadcast against each other; D must match exactly.
+
+    Returns:
+      `[...]` divergence per leading index.
+    """
+    fn = "gaussian_cs_divergence"
+    names = ("mean1", "var1", "mean2", "var2")
+    arrays = [_as_float(x) for x in (mean1, var1, mean2, var2)]
+    for name, x in zip(names, arrays, strict=True):
+        _require_rank(fn, name, x, min_rank=1, layout="[..., D]")
+    dim = arrays[0].shape[-1]
+    for name, x in zip(names[1:], arrays[1:], strict=True):
+        _require_size(fn, name, x, -1, dim, "D of `mean1`")
+    batch = _broadcast_leading(fn, names, [x.shape[:-1] for x in arrays])
+    mean1, var1, mean2, var2 = (jnp.broadcast_to(x, (*batch, dim)) for x in arrays)
+    mean_term = jnp.square(mean1 - mean2) / (var1 + var2)
+    var_term = _log_cosh(0.5 * (jnp.log(var1) - jnp.log(var2)))
+    return jnp.sum(mean_term + var_term, axis=-1)
+
+
+def gaussian_cs_divergence_full(mean1: ArrayLike, cov1: ArrayLike, mean2: ArrayLike,
+                                cov2: ArrayLike) -> jax.Array:
+    """Closed-form Cauchy-Schwarz divergence between full-covariance Gaussians (EASE Eq. 17).
+
+    Same squared definition as `gaussian_cs_divergence`; for p = N(m1, S1), q = N(m2, S2):
+
+        D_CS = (m1 - m2)^T (S1 + S2)^{-1} (m1 - m2)
+               + log det(S1 + S2) - 0.5 log det(2 S1) - 0.5 log det(2 S2),
+
+    evaluated with Cholesky factors (log det S = 2 sum log diag chol(S)) and a triangular solve.
+    On diagonal covariances it agrees with `gaussian_cs_divergence` (Eq. 24).
+
+    Args:
+      mean1: `[..., D]` mean of p.
+      cov1: `[..., D, D]` covariance of p (symmetric positive definite).
+      mean2: `[..., D]` mean of q.
+      cov2: `[..., D, D]` covariance of q (symmetric positive definite).
+      Leading axes broadcast against each other; D must match exactly. A covariance that is not
+      positive definite gives nan (Cholesky failure), as in `jnp.linalg.cholesky`.
+
+    Returns:
+      `[...]` divergence per leading index.
+    """
+    fn = "gaussian_cs_divergence_full"
+    mean1, cov1, mean2, cov2 = (_as_float(x) for x in (mean1, cov1, mean2, cov2))
+    _require_rank(fn, "mean1", mean1, min_rank=1, layout="[..., D]")
+    _require_rank(fn, "mean2", mean2, min_rank=1, layout="[..., D]")
+    _require_rank(fn, "cov1", cov1, min_rank=2, layout="[..., D, D]")
+    _require_rank(fn, "cov2", cov2, min_rank=2, layout="[..., D, D]")
+    dim = mean1.shape[-1]
+    _require_size(fn, "mean2", mean2, -1, dim, "D of `mean1`")
+    for name, cov in (("cov1", cov1), ("cov2", cov2)):
+        _require_size(fn, name, cov, -1, dim, "D of `mean1`")
+        _require_size(fn, name, cov, -2, dim, "D of `mean1`")
+    batch = _broadcast_leading(
+        fn, ("mean1", "cov1", "mean2", "cov2"),
+        (mean1.shape[:-1], cov1.shape[:-2], mean2.shape[:-1], cov2.shape[:-2]))
+    mean1, mean2 = (jnp.broadcast_to(m, (*batch, dim)) for m in (mean1, mean2))
+    cov1, cov2 = (jnp.broadcast_to(c, (*batch, dim, dim)) for c in (cov1, cov2))
+
+    def half_log_det(chol: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
+    chol_sum = jnp.linalg.cholesky(cov1 + cov2)
+    whitened = jax.scipy.linalg.solve_triangular(
+        chol_sum, (mean1 - mean2)[..., None], lower=True)[..., 0]
+    mahalanobis = jnp.sum(jnp.square(whitened), axis=-1)
+    log_det_term = (2.0 * half_log_det(chol_sum)
+                    - half_log_det(jnp.linalg.cholesky(cov1))
+                    - half_log_det(jnp.linalg.cholesky(cov2))
+                    - dim * _LOG_2)
+    return mahalanobis + log_det_term
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty-adaptive kernel CS divergence.
+# --------------------------------------------------------------------------------------------
+
+
+def adaptive_log_gram(x: ArrayLike, y: ArrayLike, u_x: ArrayLike, u_y: ArrayLike, *,
+                      tau: float = 1.0, alpha: float = 1.0) -> jax.Array:
+    """Log of the uncertainty-adaptive Gaussian kernel matrix (EASE Eq. 5-6).
+
+        log K(x_i, y_j) = -||x_i - y_j||^2 / (2 tau^2 psi_ij),
+        psi_ij = 1 + alpha * (u_i + u_j) / 2,
+
+    so more uncertain pairs get a wider kernel. Squared distances are computed pairwise (not via
+    ||x||^2 + ||y||^2 - 2 x.y), so they are exact and never negative.
+
+    Args:
+      x: `[N, D]` first set of points.
+      y: `[M, D]` second set of points.
+      u_x: `[N]` scalar uncertainty of each x_i (>= 0; 0 for a clean/certain point).
+      u_y: `[M]` scalar uncertainty of each y_j (>= 0).
+      tau: kernel bandwidth (> 0).
+      alpha: strength of the uncertainty adaptation (>= 0; 0 gives the plain Gaussian kernel).
+
+    Returns:
+      `[N, M]` log-gram matrix `log K(x_i, y_j)`.
+    """
+    fn = "adaptive_log_gram"
+    x, y, u_x, u_y = (_as_float(a) for a in (x, y, u_x, u_y))
+    _require_rank(fn, "x", x, rank=2, layout="[N, D]")
+    _require_rank(fn, "y", y, rank=2, layout="[M, D]")
+    _require_size(fn, "y", y, 1, x.shape[1], "D of `x`")
+    _require_rank(fn, "u_x", u_x, rank=1, layout="[N]")
+    _require_rank(fn, "u_y", u_y, rank=1, layout="[M]")
+    _require_size(fn, "u_x", u_x, 0, x.shape[0], "N of `x`")
+    _require_size(fn, "u_y", u_y, 0, y.shape[0], "M of `y`")
+    if isinstance(tau, (int, float)) and not tau > 0:
+        raise ValueError(f"{fn}: `tau` must be > 0, got {tau}")
+
+    def pair(x_i: jax.Array, y_j: jax.Array, u_i: jax.Array, u_j: jax.Array) -> jax.Array:
+        psi = 1.0 + alpha * 0.5 * (u_i + u_j)
+        return -jnp.sum(jnp.square(x_i - y_j)) / (2.0 * tau**2 * psi)
+
+    against_all_y = jax.vmap(pair, in_axes=(None, 0, None, 0))
+    return jax.vmap(against_all_y, in_axes=(0, None, 0, None))(x, y, u_x, u_y)
+
+
+def kernel_cs_divergence(x: ArrayLike, y: ArrayLike, *, u_x: ArrayLike | None = None,
+                         u_y: ArrayLike | None = None, tau: float = 1.0, alpha: float = 1.0,
+                         weight_x: ArrayLike | None = None,
+                         weight_y: ArrayLike | None = None) -> jax.Array:
+    """Empirical kernel Cauchy-Schwarz divergence with the adaptive kernel (EASE Eq. 7).
+
+    Un-squared form of Eq. 7, with S_ab = sum_ij K(a_i, b_j) and K from `adaptive_log_gram`
+    (each side with its own uncertainties):
+
+        L = -log( S_xy / sqrt(S_xx * S_yy) )
+          = -lse(G_xy) + 0.5 * (lse(G_xx) + lse(G_yy)),
+
+    where G_ab = log K(a_i, b_j) and lse = logsumexp over all entries. The log-space form stays
+    finite where the kernel values themselves underflow (e.g. D = 128, tau = 1, sets far apart);
+    elsewhere it equals the direct formula. It is half of the squared estimator
+    -2 log S_xy + log S_xx + log S_yy, and exactly 0 for identical sets with identical
+    uncertainties.
+
+    Optional weights multiply kernel entries: K(a_i, b_j) -> w_i w_j K(a_i, b_j) in every sum, so
+    zero-weight (padding) rows do not count. Each side needs at least one non-zero weight.
+
+    Args:
+      x: `[N, D]` first set (e.g. pooled clean features z).
+      y: `[M, D]` second set (e.g. pooled imputed features z_hat).
+      u_x: `[N]` uncertainties of x, or None for zeros.
+      u_y: `[M]` uncertainties of y, or None for zeros.
+      tau: kernel bandwidth (> 0).
+      alpha: strength of the uncertainty adaptation.
+      weight_x: `[N]` non-negative row weights of x, or None for ones.
+      weight_y: `[M]` non-negative row weights of y, or None for ones.
+
+    Returns:
+      `[]` scalar divergence.
+    """
+    fn = "kernel_cs_divergence"
+    x, y = _as_float(x), _as_float(y)
+    _require_rank(fn, "x", x, rank=2, layout="[N, D]")
+    _require_rank(fn, "y", y, rank=2, layout="[M, D]")
+    _require_size(fn, "y", y, 1, x.shape[1], "D of `x`")
+    u_x = jnp.zeros(x.shape[:1], x.dtype) if u_x is None else _as_float(u_x)
+    u_y = jnp.zeros(y.shape[:1], y.dtype) if u_y is None else _as_float(u_y)
+    for name, u, n, of in (("u_x", u_x, x.shape[0], "N of `x`"),
+                           ("u_y", u_y, y.shape[0], "M of `y`")):
+        _require_rank(fn, name, u, rank=1, layout="[N]" if name == "u_x" else "[M]")
+        _require_size(fn, name, u, 0, n, of)
+    if weight_x is not None or weight_y is not None:
+        weight_x = jnp.ones(x.shape[:1], x.dtype) if weight_x is None else _as_float(weight_x)
+        weight_y = jnp.ones(y.shape[:1], y.dtype) if weight_y is None else _as_float(weight_y)
+        for name, w, n, of in (("weight_x", weight_x, x.shape[0], "N of `x`"),
+                               ("weight_y", weight_y, y.shape[0], "M of `y`")):
+            _require_rank(fn, name, w, rank=1, layout="[N]" if name == "weight_x" else "[M]")
+            _require_size(fn, name, w, 0, n, of)
+
+    def log_sum(a, b, u_a, u_b, w_a, w_b):
+        log_gram = adaptive_log_gram(a, b, u_a, u_b, tau=tau, alpha=alpha)
+        # logsumexp's `b` scales entries and drops zero-scaled ones before taking the max.
+        scale = None if w_a is None else w_a[:, None] * w_b[None, :]
+        return jax.nn.logsumexp(log_gram, b=scale)
+
+    log_s_xy = log_sum(x, y, u_x, u_y, weight_x, weight_y)
+    log_s_xx = log_sum(x, x, u_x, u_x, weight_x, weight_x)
+    log_s_yy = log_sum(y, y, u_y, u_y, weight_y, weight_y)
+    return -log_s_xy + 0.5 * (log_s_xx + log_s_yy)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-view consistency and asymmetric distillation.
+# --------------------------------------------------------------------------------------------
+
+
+def consistency_mse(preds: ArrayLike, weight: ArrayLike | None = None) -> jax.Array:
+    """Cross-view consistency for a regression head (EASE Eq. 10, regression form).
+
+        L_cons = mean_{i<j} mean_b (preds[i, b] - preds[j, b])^2
+
+    over the V(V-1)/2 unordered pairs of views; gradients flow into both views of each pair.
+
+    Args:
+      preds: `[V, B]` predictions of V >= 2 views (e.g. the full view and the subset views).
+      weight: `[B]` per-sample weights, or None for ones (weighted mean over the batch).
+
+    Returns:
+      `[]` scalar loss.
+    """
+    fn = "consistency_mse"
+    preds = _as_float(preds)
+    _require_rank(fn, "preds", preds, rank=2, layout="[V, B]")
+    if preds.shape[0] < 2:
+        raise ValueError(f"{fn}: `preds` must hold at least 2 views (V >= 2), got shape "
+                         f"{preds.shape}")
+    weight = _check_weight(fn, weight, preds.shape[1], "preds")
+    first, second = _pair_indices(preds.shape[0])
+    per_pair = jnp.square(preds[first] - preds[second])  # [P, B]
+    return _batch_mean(jnp.mean(per_pair, axis=0), weight)
+
+
+def distillation_mse(view_preds: ArrayLike, full_pred: ArrayLike,
+                     weight: ArrayLike | None = None) -> jax.Array:
+    """Asymmetric full-to-subset distillation for a regression head (EASE Eq. 11).
+
+        L_asym = mean_v mean_b (view_preds[v, b] - sg(full_pred[b]))^2,
+
+    sg = stop_gradient: the full view is the teacher and receives no gradient from this loss.
+
+    Args:
+      view_preds: `[V, B]` predictions of V >= 1 subset views.
+      full_pred: `[B]` prediction of the full view.
+      weight: `[B]` per-sample weights, or None for ones (weighted mean over the batch).
+
+    Returns:
+      `[]` scalar loss.
+    """
+    fn = "distillation_mse"
+    view_preds, full_pred = _as_float(view_preds), _as_float(full_pred)
+    _require_rank(fn, "view_preds", view_preds, rank=2, layout="[V, B]")
+    _require_rank(fn, "full_pred", full_pred, rank=1, layout="[B]")
+    if view_preds.shape[0] < 1:
+        raise ValueError(f"{fn}: `view_preds` must hold at least 1 view, got shape "
+                         f"{view_preds.shape}")
+    _require_size(fn, "full_pred", full_pred, 0, view_preds.shape[1], "B of `view_preds`")
+    weight = _check_weight(fn, weight, view_preds.shape[1], "view_preds")
+    teacher = jnp.broadcast_to(jax.lax.stop_gradient(full_pred), view_preds.shape)
+    per_view = jnp.square(view_preds - teacher)  # [V, B]
+    return _batch_mean(jnp.mean(per_view, axis=0), weight)
+
+
+def _kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last axis."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def consistency_kl(logits: ArrayLike, weight: ArrayLike | None = None, *,
+                   symmetric: bool = False) -> jax.Array:
+    """Cross-view consistency for a classification head (EASE Eq. 10, KL form).
+
+    With p_v = softmax(logits[v]) over the classes, the loss averages over the V(V-1)/2 unordered
+    view pairs i < j, in the direction the paper writes, KL(p_S1 || p_S2):
+
+        L_cons = mean_{i<j} mean_b KL(p_i[b] || p_j[b]),  KL(p || q) = sum_c p_c log(p_c / q_c),
+
+    computed from `log_softmax`; gradients flow into both views. KL is asymmetric, so the order of
+    the views matters (view i is the "p" side of every pair with a later view j). With
+    `symmetric=True` each pair instead uses 0.5 * [KL(p_i || p_j) + KL(p_j || p_i)], which does not
+    depend on the order.
+
+    Args:
+      logits: `[V, B, C]` unnormalised class scores of V >= 2 views (finite).
+      weight: `[B]` per-sample weights, or None for ones (weighted mean over the batch).
+      symmetric: average both KL directions per pair.
+
+    Returns:
+      `[]` scalar loss.
+    """
+    fn = "consistency_kl"
+    logits = _as_float(logits)
+    _require_rank(fn, "logits", logits, rank=3, layout="[V, B, C]")
+    if logits.shape[0] < 2:
+        raise ValueError(f"{fn}: `logits` must hold at least 2 views (V >= 2), got shape "
+                         f"{logits.shape}")
+    weight = _check_weight(fn, weight, logits.shape[1], "logits")
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    first, second = _pair_indices(logits.shape[0])
+    per_pair = _kl_from_log_probs(log_p[first], log_p[second])  # [P, B]
+    if symmetric:
+        per_pair = 0.5 * (per_pair + _kl_from_log_probs(log_p[second], log_p[first]))
+    return _batch_mean(jnp.mean(per_pair, axis=0), weight)
+
+
+def distillation_kl(view_logits: ArrayLike, full_logits: ArrayLike,
+                    weight: ArrayLike | None = None) -> jax.Array:
+    """Asymmetric full-to-subset distillation for a classification head (EASE Eq. 11, KL form).
+
+        L_asym = mean_v mean_b KL(p_v[b] || sg(p_full[b])),
+
+    in the direction the paper writes, KL(p_S || sg(p_full)) (note: the reverse of the usual
+    knowledge-distillation KL(teacher || student)). p = softmax over the classes, computed from
+    `log_softmax`; sg = stop_gradient, so the full view receives no gradient from this loss.
+
+    Args:
+      view_logits: `[V, B, C]` class scores of V >= 1 subset views (finite).
+      full_logits: `[B, C]` class scores of the full view (finite).
+      weight: `[B]` per-sample weights, or None for ones (weighted mean over the batch).
+
+    Returns:
+      `[]` scalar loss.
+    """
+    fn = "distillation_kl"
+    view_logits, full_logits = _as_float(view_logits), _as_float(full_logits)
+    _require_rank(fn, "view_logits", view_logits, rank=3, layout="[V, B, C]")
+    _require_rank(fn, "full_logits", full_logits, rank=2, layout="[B, C]")
+    if view_logits.shape[0] < 1:
+        raise ValueError(f"{fn}: `view_logits` must hold at least 1 view, got shape "
+                         f"{view_logits.shape}")
+    _require_size(fn, "full_logits", full_logits, 0, view_logits.shape[1],
+                  "B of `view_logits`")
+    _require_size(fn, "full_logits", full_logits, 1, view_logits.shape[2],
+                  "C of `view_logits`")
+    weight = _check_weight(fn, weight, view_logits.shape[1], "view_logits")
+    log_p_view = jax.nn.log_softmax(view_logits, axis=-1)
+    log_p_full = jax.lax.stop_gradient(jax.nn.log_softmax(full_logits, axis=-1))
+    per_view = _kl_from_log_probs(log_p_view, jnp.broadcast_to(log_p_full, log_p_view.shape))
+    return _batch_mean(jnp.mean(per_view, axis=0), weight)
