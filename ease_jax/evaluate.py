@@ -183,8 +183,8 @@ def protocol_table(dataset: str, selected: dict, protocol: str) -> dict:
     out: dict = {}
     for crit, metrics in PAPER_SELECTION[dataset].items():
         res = selected[f"paper:{crit}"]
-        for section, conds in res.items():
-            for cond, values in conds.items():
+        for section in ("per_rate", "inter_modal", "burst"):
+            for cond, values in res.get(section, {}).items():
                 row = out.setdefault(section, {}).setdefault(cond, {})
                 for m in metrics:
                     row[m] = values[m]

@@ -2,8 +2,9 @@
 
 Every function is a pure, `jax.jit`-able function of arrays. Shapes are checked eagerly from the
 static `.shape` of the inputs (so the checks also fire while tracing under `jax.jit`) and a wrong
-rank or mismatched size raises `ValueError` naming the offending argument. Equation numbers refer to
-the EASE paper.
+rank or mismatched size raises `ValueError` naming the offending argument. Like `jax.nn`, the
+numerical work of each function is itself jitted (one compiled program per shape when called
+outside `jax.jit`; inlined when called inside). Equation numbers refer to the EASE paper.
 
 Public functions (shapes in brackets; `...` = leading axes that broadcast against each other):
 
@@ -30,6 +31,7 @@ hold finite values (their gradients are multiplied by zero, and `0 * nan` is `na
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -59,7 +61,45 @@ _LOG_COSH_SWITCH = 4.0
 
 
 # --------------------------------------------------------------------------------------------
-# Validation helpers (static shapes only, so they work while tracing).
+# Validation helpers: static shapes only (np.shape works on arrays, tracers, lists and scalars).
+# --------------------------------------------------------------------------------------------
+
+Shape = tuple[int, ...]
+
+
+def _require_rank(fn: str, name: str, shape: Shape, layout: str, *, rank: int | None = None,
+                  min_rank: int | None = None) -> None:
+    if rank is not None and len(shape) != rank:
+        raise ValueError(f"{fn}: `{name}` must have rank {rank} ({layout}), got shape {shape}")
+    if min_rank is not None and len(shape) < min_rank:
+        raise ValueError(
+            f"{fn}: `{name}` must have rank >= {min_rank} ({layout}), got shape {shape}")
+
+
+def _require_size(fn: str, name: str, shape: Shape, axis: int, size: int, what: str) -> None:
+    if shape[axis] != size:
+        raise ValueError(
+            f"{fn}: `{name}` has shape {shape}, but axis {axis} must have size {size} ({what})")
+
+
+def _require_broadcastable(fn: str, leading: dict[str, Shape]) -> None:
+    try:
+        np.broadcast_shapes(*leading.values())
+    except ValueError:
+        described = ", ".join(f"`{name}` {shape}" for name, shape in leading.items())
+        raise ValueError(f"{fn}: leading axes do not broadcast together: {described}") from None
+
+
+def _require_weight(fn: str, name: str, weight: ArrayLike | None, size: int, what: str) -> None:
+    if weight is None:
+        return
+    shape = np.shape(weight)
+    _require_rank(fn, name, shape, "[B]" if name == "weight" else "one entry per row", rank=1)
+    _require_size(fn, name, shape, 0, size, what)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerical helpers (run inside the jitted cores).
 # --------------------------------------------------------------------------------------------
 
 
@@ -70,45 +110,20 @@ def _as_float(x: ArrayLike) -> jax.Array:
     return x
 
 
-def _require_rank(fn: str, name: str, x: jax.Array, *, rank: int | None = None,
-                  min_rank: int | None = None, layout: str = "") -> None:
-    if rank is not None and x.ndim != rank:
-        raise ValueError(
-            f"{fn}: `{name}` must have rank {rank} (shape {layout}), got shape {x.shape}")
-    if min_rank is not None and x.ndim < min_rank:
-        raise ValueError(
-            f"{fn}: `{name}` must have rank >= {min_rank} (shape {layout}), got shape {x.shape}")
-
-
-def _require_size(fn: str, name: str, x: jax.Array, axis: int, size: int, what: str) -> None:
-    if x.shape[axis] != size:
-        raise ValueError(
-            f"{fn}: `{name}` has shape {x.shape}, but axis {axis} must have size {size} ({what})")
-
-
-def _broadcast_leading(fn: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]]):
-    """Broadcast shape of the leading ("batch") axes, or ValueError naming the arguments."""
-    try:
-        return jnp.broadcast_shapes(*shapes)
-    except ValueError:
-        described = ", ".join(f"`{n}` {s}" for n, s in zip(names, shapes, strict=True))
-        raise ValueError(
-            f"{fn}: leading axes do not broadcast together: {described}") from None
-
-
-def _check_weight(fn: str, weight: ArrayLike | None, batch: int, against: str) -> jax.Array | None:
-    if weight is None:
-        return None
-    weight = _as_float(weight)
-    _require_rank(fn, "weight", weight, rank=1, layout="[B]")
-    _require_size(fn, "weight", weight, 0, batch, f"B of `{against}`")
-    return weight
+def _broadcast_leading(arrays: Sequence[jax.Array], core_ndims: Sequence[int]) -> list[jax.Array]:
+    """Broadcast the leading axes explicitly (rank promotion may be set to "raise")."""
+    batch = jnp.broadcast_shapes(
+        *(a.shape[: a.ndim - k] for a, k in zip(arrays, core_ndims, strict=True)))
+    return [jnp.broadcast_to(a, (*batch, *a.shape[a.ndim - k:]))
+            for a, k in zip(arrays, core_ndims, strict=True)]
 
 
 def _batch_mean(per_example_loss: jax.Array, weight: jax.Array | None) -> jax.Array:
     """Plain mean over [B], or sum(w * l) / max(sum(w), tiny) when weights are given."""
     if weight is None:
         return jnp.mean(per_example_loss)
+    weight = _as_float(weight)
+    # `where` keeps non-finite values in zero-weight rows out of the value.
     weighted = jnp.where(weight != 0, weight * per_example_loss, 0)
     tiny = jnp.finfo(weighted.dtype).tiny
     return jnp.sum(weighted) / jnp.maximum(jnp.sum(weight), tiny)
@@ -122,9 +137,15 @@ def _log_cosh(x: jax.Array) -> jax.Array:
     return jnp.where(abs_x < _LOG_COSH_SWITCH, small, large)
 
 
-def _pair_indices(num_views: int) -> tuple[np.ndarray, np.ndarray]:
+def _view_pairs(num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static indices (i, j) of the V(V-1)/2 unordered view pairs, i < j."""
     first, second = np.triu_indices(num_views, k=1)
     return first, second
+
+
+def _kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last axis."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,16 +170,18 @@ def gaussian_nll(target: ArrayLike, mean: ArrayLike, var: ArrayLike) -> jax.Arra
       `[...]` NLL per leading index (the broadcast leading shape).
     """
     fn = "gaussian_nll"
-    target, mean, var = _as_float(target), _as_float(mean), _as_float(var)
-    for name, x in (("target", target), ("mean", mean), ("var", var)):
-        _require_rank(fn, name, x, min_rank=1, layout="[..., D]")
-    dim = target.shape[-1]
-    _require_size(fn, "mean", mean, -1, dim, "D of `target`")
-    _require_size(fn, "var", var, -1, dim, "D of `target`")
-    batch = _broadcast_leading(
-        fn, ("target", "mean", "var"), (target.shape[:-1], mean.shape[:-1], var.shape[:-1]))
-    shape = (*batch, dim)
-    target, mean, var = (jnp.broadcast_to(x, shape) for x in (target, mean, var))
+    shapes = {"target": np.shape(target), "mean": np.shape(mean), "var": np.shape(var)}
+    for name, shape in shapes.items():
+        _require_rank(fn, name, shape, "[..., D]", min_rank=1)
+    for name in ("mean", "var"):
+        _require_size(fn, name, shapes[name], -1, shapes["target"][-1], "D of `target`")
+    _require_broadcastable(fn, {name: shape[:-1] for name, shape in shapes.items()})
+    return _gaussian_nll(target, mean, var)
+
+
+@jax.jit
+def _gaussian_nll(target, mean, var):
+    target, mean, var = _broadcast_leading([_as_float(a) for a in (target, mean, var)], (1, 1, 1))
     per_dim = 0.5 * (_LOG_2PI + jnp.log(var) + jnp.square(target - mean) / var)
     return jnp.sum(per_dim, axis=-1)
 
@@ -192,15 +215,20 @@ def gaussian_cs_divergence(mean1: ArrayLike, var1: ArrayLike, mean2: ArrayLike,
       `[...]` divergence per leading index.
     """
     fn = "gaussian_cs_divergence"
-    names = ("mean1", "var1", "mean2", "var2")
-    arrays = [_as_float(x) for x in (mean1, var1, mean2, var2)]
-    for name, x in zip(names, arrays, strict=True):
-        _require_rank(fn, name, x, min_rank=1, layout="[..., D]")
-    dim = arrays[0].shape[-1]
-    for name, x in zip(names[1:], arrays[1:], strict=True):
-        _require_size(fn, name, x, -1, dim, "D of `mean1`")
-    batch = _broadcast_leading(fn, names, [x.shape[:-1] for x in arrays])
-    mean1, var1, mean2, var2 = (jnp.broadcast_to(x, (*batch, dim)) for x in arrays)
+    shapes = {"mean1": np.shape(mean1), "var1": np.shape(var1), "mean2": np.shape(mean2),
+              "var2": np.shape(var2)}
+    for name, shape in shapes.items():
+        _require_rank(fn, name, shape, "[..., D]", min_rank=1)
+    for name in ("var1", "mean2", "var2"):
+        _require_size(fn, name, shapes[name], -1, shapes["mean1"][-1], "D of `mean1`")
+    _require_broadcastable(fn, {name: shape[:-1] for name, shape in shapes.items()})
+    return _gaussian_cs_divergence(mean1, var1, mean2, var2)
+
+
+@jax.jit
+def _gaussian_cs_divergence(mean1, var1, mean2, var2):
+    arrays = [_as_float(a) for a in (mean1, var1, mean2, var2)]
+    mean1, var1, mean2, var2 = _broadcast_leading(arrays, (1, 1, 1, 1))
     mean_term = jnp.square(mean1 - mean2) / (var1 + var2)
     var_term = _log_cosh(0.5 * (jnp.log(var1) - jnp.log(var2)))
     return jnp.sum(mean_term + var_term, axis=-1)
@@ -230,21 +258,27 @@ def gaussian_cs_divergence_full(mean1: ArrayLike, cov1: ArrayLike, mean2: ArrayL
       `[...]` divergence per leading index.
     """
     fn = "gaussian_cs_divergence_full"
-    mean1, cov1, mean2, cov2 = (_as_float(x) for x in (mean1, cov1, mean2, cov2))
-    _require_rank(fn, "mean1", mean1, min_rank=1, layout="[..., D]")
-    _require_rank(fn, "mean2", mean2, min_rank=1, layout="[..., D]")
-    _require_rank(fn, "cov1", cov1, min_rank=2, layout="[..., D, D]")
-    _require_rank(fn, "cov2", cov2, min_rank=2, layout="[..., D, D]")
+    shapes = {"mean1": np.shape(mean1), "cov1": np.shape(cov1), "mean2": np.shape(mean2),
+              "cov2": np.shape(cov2)}
+    for name in ("mean1", "mean2"):
+        _require_rank(fn, name, shapes[name], "[..., D]", min_rank=1)
+    for name in ("cov1", "cov2"):
+        _require_rank(fn, name, shapes[name], "[..., D, D]", min_rank=2)
+    dim = shapes["mean1"][-1]
+    _require_size(fn, "mean2", shapes["mean2"], -1, dim, "D of `mean1`")
+    for name in ("cov1", "cov2"):
+        _require_size(fn, name, shapes[name], -2, dim, "D of `mean1`")
+        _require_size(fn, name, shapes[name], -1, dim, "D of `mean1`")
+    _require_broadcastable(fn, {name: shape[: len(shape) - (2 if name.startswith("cov") else 1)]
+                                for name, shape in shapes.items()})
+    return _gaussian_cs_divergence_full(mean1, cov1, mean2, cov2)
+
+
+@jax.jit
+def _gaussian_cs_divergence_full(mean1, cov1, mean2, cov2):
+    arrays = [_as_float(a) for a in (mean1, cov1, mean2, cov2)]
+    mean1, cov1, mean2, cov2 = _broadcast_leading(arrays, (1, 2, 1, 2))
     dim = mean1.shape[-1]
-    _require_size(fn, "mean2", mean2, -1, dim, "D of `mean1`")
-    for name, cov in (("cov1", cov1), ("cov2", cov2)):
-        _require_size(fn, name, cov, -1, dim, "D of `mean1`")
-        _require_size(fn, name, cov, -2, dim, "D of `mean1`")
-    batch = _broadcast_leading(
-        fn, ("mean1", "cov1", "mean2", "cov2"),
-        (mean1.shape[:-1], cov1.shape[:-2], mean2.shape[:-1], cov2.shape[:-2]))
-    mean1, mean2 = (jnp.broadcast_to(m, (*batch, dim)) for m in (mean1, mean2))
-    cov1, cov2 = (jnp.broadcast_to(c, (*batch, dim, dim)) for c in (cov1, cov2))
 
     def half_log_det(chol: jax.Array) -> jax.Array:
         return jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
@@ -265,6 +299,21 @@ def gaussian_cs_divergence_full(mean1: ArrayLike, cov1: ArrayLike, mean2: ArrayL
 # --------------------------------------------------------------------------------------------
 
 
+def _check_sets(fn: str, x, y, u_x, u_y, tau) -> tuple[Shape, Shape]:
+    x_shape, y_shape = np.shape(x), np.shape(y)
+    _require_rank(fn, "x", x_shape, "[N, D]", rank=2)
+    _require_rank(fn, "y", y_shape, "[M, D]", rank=2)
+    _require_size(fn, "y", y_shape, 1, x_shape[1], "D of `x`")
+    for name, u, rows, of in (("u_x", u_x, x_shape[0], "N of `x`"),
+                              ("u_y", u_y, y_shape[0], "M of `y`")):
+        if u is not None:
+            _require_rank(fn, name, np.shape(u), "one entry per row", rank=1)
+            _require_size(fn, name, np.shape(u), 0, rows, of)
+    if isinstance(tau, (int, float)) and not tau > 0:
+        raise ValueError(f"{fn}: `tau` must be > 0, got {tau}")
+    return x_shape, y_shape
+
+
 def adaptive_log_gram(x: ArrayLike, y: ArrayLike, u_x: ArrayLike, u_y: ArrayLike, *,
                       tau: float = 1.0, alpha: float = 1.0) -> jax.Array:
     """Log of the uncertainty-adaptive Gaussian kernel matrix (EASE Eq. 5-6).
@@ -272,7 +321,8 @@ def adaptive_log_gram(x: ArrayLike, y: ArrayLike, u_x: ArrayLike, u_y: ArrayLike
         log K(x_i, y_j) = -||x_i - y_j||^2 / (2 tau^2 psi_ij),
         psi_ij = 1 + alpha * (u_i + u_j) / 2,
 
-    so more uncertain pairs get a wider kernel. Squared distances are computed pairwise (not via
+    so more uncertain pairs get a wider kernel. The kernel is written for one pair of vectors and
+    vmapped over both sets; squared distances are computed pairwise (not via
     ||x||^2 + ||y||^2 - 2 x.y), so they are exact and never negative.
 
     Args:
@@ -287,16 +337,15 @@ def adaptive_log_gram(x: ArrayLike, y: ArrayLike, u_x: ArrayLike, u_y: ArrayLike
       `[N, M]` log-gram matrix `log K(x_i, y_j)`.
     """
     fn = "adaptive_log_gram"
+    for name, u in (("u_x", u_x), ("u_y", u_y)):
+        if u is None:
+            raise ValueError(f"{fn}: `{name}` is required (pass zeros for certain points)")
+    _check_sets(fn, x, y, u_x, u_y, tau)
+    return _adaptive_log_gram_jit(x, y, u_x, u_y, tau, alpha)
+
+
+def _adaptive_log_gram(x, y, u_x, u_y, tau, alpha):
     x, y, u_x, u_y = (_as_float(a) for a in (x, y, u_x, u_y))
-    _require_rank(fn, "x", x, rank=2, layout="[N, D]")
-    _require_rank(fn, "y", y, rank=2, layout="[M, D]")
-    _require_size(fn, "y", y, 1, x.shape[1], "D of `x`")
-    _require_rank(fn, "u_x", u_x, rank=1, layout="[N]")
-    _require_rank(fn, "u_y", u_y, rank=1, layout="[M]")
-    _require_size(fn, "u_x", u_x, 0, x.shape[0], "N of `x`")
-    _require_size(fn, "u_y", u_y, 0, y.shape[0], "M of `y`")
-    if isinstance(tau, (int, float)) and not tau > 0:
-        raise ValueError(f"{fn}: `tau` must be > 0, got {tau}")
 
     def pair(x_i: jax.Array, y_j: jax.Array, u_i: jax.Array, u_j: jax.Array) -> jax.Array:
         psi = 1.0 + alpha * 0.5 * (u_i + u_j)
@@ -304,6 +353,9 @@ def adaptive_log_gram(x: ArrayLike, y: ArrayLike, u_x: ArrayLike, u_y: ArrayLike
 
     against_all_y = jax.vmap(pair, in_axes=(None, 0, None, 0))
     return jax.vmap(against_all_y, in_axes=(0, None, 0, None))(x, y, u_x, u_y)
+
+
+_adaptive_log_gram_jit = jax.jit(_adaptive_log_gram)
 
 
 def kernel_cs_divergence(x: ArrayLike, y: ArrayLike, *, u_x: ArrayLike | None = None,
@@ -324,8 +376,9 @@ def kernel_cs_divergence(x: ArrayLike, y: ArrayLike, *, u_x: ArrayLike | None = 
     -2 log S_xy + log S_xx + log S_yy, and exactly 0 for identical sets with identical
     uncertainties.
 
-    Optional weights multiply kernel entries: K(a_i, b_j) -> w_i w_j K(a_i, b_j) in every sum, so
-    zero-weight (padding) rows do not count. Each side needs at least one non-zero weight.
+    Optional non-negative weights multiply kernel entries: K(a_i, b_j) -> w_i w_j K(a_i, b_j) in
+    every sum, so zero-weight (padding) rows do not count. If either side's weights are all zero
+    (a fully padded shard) the result is 0 with zero gradients, like the batch-wise losses.
 
     Args:
       x: `[N, D]` first set (e.g. pooled clean features z).
@@ -341,39 +394,50 @@ def kernel_cs_divergence(x: ArrayLike, y: ArrayLike, *, u_x: ArrayLike | None = 
       `[]` scalar divergence.
     """
     fn = "kernel_cs_divergence"
+    x_shape, y_shape = _check_sets(fn, x, y, u_x, u_y, tau)
+    _require_weight(fn, "weight_x", weight_x, x_shape[0], "N of `x`")
+    _require_weight(fn, "weight_y", weight_y, y_shape[0], "M of `y`")
+    return _kernel_cs_divergence(x, y, u_x, u_y, tau, alpha, weight_x, weight_y)
+
+
+@jax.jit
+def _kernel_cs_divergence(x, y, u_x, u_y, tau, alpha, weight_x, weight_y):
     x, y = _as_float(x), _as_float(y)
-    _require_rank(fn, "x", x, rank=2, layout="[N, D]")
-    _require_rank(fn, "y", y, rank=2, layout="[M, D]")
-    _require_size(fn, "y", y, 1, x.shape[1], "D of `x`")
-    u_x = jnp.zeros(x.shape[:1], x.dtype) if u_x is None else _as_float(u_x)
-    u_y = jnp.zeros(y.shape[:1], y.dtype) if u_y is None else _as_float(u_y)
-    for name, u, n, of in (("u_x", u_x, x.shape[0], "N of `x`"),
-                           ("u_y", u_y, y.shape[0], "M of `y`")):
-        _require_rank(fn, name, u, rank=1, layout="[N]" if name == "u_x" else "[M]")
-        _require_size(fn, name, u, 0, n, of)
-    if weight_x is not None or weight_y is not None:
+    u_x = jnp.zeros(x.shape[:1], x.dtype) if u_x is None else u_x
+    u_y = jnp.zeros(y.shape[:1], y.dtype) if u_y is None else u_y
+    weighted = weight_x is not None or weight_y is not None
+    if weighted:
         weight_x = jnp.ones(x.shape[:1], x.dtype) if weight_x is None else _as_float(weight_x)
         weight_y = jnp.ones(y.shape[:1], y.dtype) if weight_y is None else _as_float(weight_y)
-        for name, w, n, of in (("weight_x", weight_x, x.shape[0], "N of `x`"),
-                               ("weight_y", weight_y, y.shape[0], "M of `y`")):
-            _require_rank(fn, name, w, rank=1, layout="[N]" if name == "weight_x" else "[M]")
-            _require_size(fn, name, w, 0, n, of)
+        # A side with no weight at all (e.g. a fully padded device shard) would give nan; such a
+        # call returns 0 instead, evaluated on unit weights so that gradients stay finite (zero).
+        has_mass = (jnp.sum(weight_x) > 0) & (jnp.sum(weight_y) > 0)
+        weight_x = jnp.where(has_mass, weight_x, 1)
+        weight_y = jnp.where(has_mass, weight_y, 1)
 
     def log_sum(a, b, u_a, u_b, w_a, w_b):
-        log_gram = adaptive_log_gram(a, b, u_a, u_b, tau=tau, alpha=alpha)
+        log_gram = _adaptive_log_gram(a, b, u_a, u_b, tau, alpha)
         # logsumexp's `b` scales entries and drops zero-scaled ones before taking the max.
-        scale = None if w_a is None else w_a[:, None] * w_b[None, :]
+        scale = w_a[:, None] * w_b[None, :] if weighted else None
         return jax.nn.logsumexp(log_gram, b=scale)
 
     log_s_xy = log_sum(x, y, u_x, u_y, weight_x, weight_y)
     log_s_xx = log_sum(x, x, u_x, u_x, weight_x, weight_x)
     log_s_yy = log_sum(y, y, u_y, u_y, weight_y, weight_y)
-    return -log_s_xy + 0.5 * (log_s_xx + log_s_yy)
+    divergence = -log_s_xy + 0.5 * (log_s_xx + log_s_yy)
+    return jnp.where(has_mass, divergence, 0) if weighted else divergence
 
 
 # --------------------------------------------------------------------------------------------
 # Cross-view consistency and asymmetric distillation.
 # --------------------------------------------------------------------------------------------
+
+
+def _check_views(fn: str, name: str, shape: Shape, layout: str, min_views: int) -> None:
+    _require_rank(fn, name, shape, layout, rank=layout.count(",") + 1)
+    if shape[0] < min_views:
+        raise ValueError(f"{fn}: `{name}` must hold at least {min_views} view(s) "
+                         f"(V >= {min_views}), got shape {shape}")
 
 
 def consistency_mse(preds: ArrayLike, weight: ArrayLike | None = None) -> jax.Array:
@@ -391,13 +455,16 @@ def consistency_mse(preds: ArrayLike, weight: ArrayLike | None = None) -> jax.Ar
       `[]` scalar loss.
     """
     fn = "consistency_mse"
+    shape = np.shape(preds)
+    _check_views(fn, "preds", shape, "[V, B]", min_views=2)
+    _require_weight(fn, "weight", weight, shape[1], "B of `preds`")
+    return _consistency_mse(preds, weight)
+
+
+@jax.jit
+def _consistency_mse(preds, weight):
     preds = _as_float(preds)
-    _require_rank(fn, "preds", preds, rank=2, layout="[V, B]")
-    if preds.shape[0] < 2:
-        raise ValueError(f"{fn}: `preds` must hold at least 2 views (V >= 2), got shape "
-                         f"{preds.shape}")
-    weight = _check_weight(fn, weight, preds.shape[1], "preds")
-    first, second = _pair_indices(preds.shape[0])
+    first, second = _view_pairs(preds.shape[0])
     per_pair = jnp.square(preds[first] - preds[second])  # [P, B]
     return _batch_mean(jnp.mean(per_pair, axis=0), weight)
 
@@ -419,22 +486,20 @@ def distillation_mse(view_preds: ArrayLike, full_pred: ArrayLike,
       `[]` scalar loss.
     """
     fn = "distillation_mse"
-    view_preds, full_pred = _as_float(view_preds), _as_float(full_pred)
-    _require_rank(fn, "view_preds", view_preds, rank=2, layout="[V, B]")
-    _require_rank(fn, "full_pred", full_pred, rank=1, layout="[B]")
-    if view_preds.shape[0] < 1:
-        raise ValueError(f"{fn}: `view_preds` must hold at least 1 view, got shape "
-                         f"{view_preds.shape}")
-    _require_size(fn, "full_pred", full_pred, 0, view_preds.shape[1], "B of `view_preds`")
-    weight = _check_weight(fn, weight, view_preds.shape[1], "view_preds")
-    teacher = jnp.broadcast_to(jax.lax.stop_gradient(full_pred), view_preds.shape)
-    per_view = jnp.square(view_preds - teacher)  # [V, B]
+    view_shape, full_shape = np.shape(view_preds), np.shape(full_pred)
+    _check_views(fn, "view_preds", view_shape, "[V, B]", min_views=1)
+    _require_rank(fn, "full_pred", full_shape, "[B]", rank=1)
+    _require_size(fn, "full_pred", full_shape, 0, view_shape[1], "B of `view_preds`")
+    _require_weight(fn, "weight", weight, view_shape[1], "B of `view_preds`")
+    return _distillation_mse(view_preds, full_pred, weight)
+
+
+@jax.jit
+def _distillation_mse(view_preds, full_pred, weight):
+    view_preds = _as_float(view_preds)
+    teacher = jax.lax.stop_gradient(_as_float(full_pred))
+    per_view = jnp.square(view_preds - jnp.broadcast_to(teacher, view_preds.shape))  # [V, B]
     return _batch_mean(jnp.mean(per_view, axis=0), weight)
-
-
-def _kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-    """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last axis."""
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def consistency_kl(logits: ArrayLike, weight: ArrayLike | None = None, *,
@@ -454,20 +519,22 @@ def consistency_kl(logits: ArrayLike, weight: ArrayLike | None = None, *,
     Args:
       logits: `[V, B, C]` unnormalised class scores of V >= 2 views (finite).
       weight: `[B]` per-sample weights, or None for ones (weighted mean over the batch).
-      symmetric: average both KL directions per pair.
+      symmetric: average both KL directions per pair (a static Python bool).
 
     Returns:
       `[]` scalar loss.
     """
     fn = "consistency_kl"
-    logits = _as_float(logits)
-    _require_rank(fn, "logits", logits, rank=3, layout="[V, B, C]")
-    if logits.shape[0] < 2:
-        raise ValueError(f"{fn}: `logits` must hold at least 2 views (V >= 2), got shape "
-                         f"{logits.shape}")
-    weight = _check_weight(fn, weight, logits.shape[1], "logits")
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    first, second = _pair_indices(logits.shape[0])
+    shape = np.shape(logits)
+    _check_views(fn, "logits", shape, "[V, B, C]", min_views=2)
+    _require_weight(fn, "weight", weight, shape[1], "B of `logits`")
+    return _consistency_kl(logits, weight, symmetric=bool(symmetric))
+
+
+@functools.partial(jax.jit, static_argnames="symmetric")
+def _consistency_kl(logits, weight, *, symmetric):
+    log_p = jax.nn.log_softmax(_as_float(logits), axis=-1)
+    first, second = _view_pairs(log_p.shape[0])
     per_pair = _kl_from_log_probs(log_p[first], log_p[second])  # [P, B]
     if symmetric:
         per_pair = 0.5 * (per_pair + _kl_from_log_probs(log_p[second], log_p[first]))
@@ -493,18 +560,18 @@ def distillation_kl(view_logits: ArrayLike, full_logits: ArrayLike,
       `[]` scalar loss.
     """
     fn = "distillation_kl"
-    view_logits, full_logits = _as_float(view_logits), _as_float(full_logits)
-    _require_rank(fn, "view_logits", view_logits, rank=3, layout="[V, B, C]")
-    _require_rank(fn, "full_logits", full_logits, rank=2, layout="[B, C]")
-    if view_logits.shape[0] < 1:
-        raise ValueError(f"{fn}: `view_logits` must hold at least 1 view, got shape "
-                         f"{view_logits.shape}")
-    _require_size(fn, "full_logits", full_logits, 0, view_logits.shape[1],
-                  "B of `view_logits`")
-    _require_size(fn, "full_logits", full_logits, 1, view_logits.shape[2],
-                  "C of `view_logits`")
-    weight = _check_weight(fn, weight, view_logits.shape[1], "view_logits")
-    log_p_view = jax.nn.log_softmax(view_logits, axis=-1)
-    log_p_full = jax.lax.stop_gradient(jax.nn.log_softmax(full_logits, axis=-1))
+    view_shape, full_shape = np.shape(view_logits), np.shape(full_logits)
+    _check_views(fn, "view_logits", view_shape, "[V, B, C]", min_views=1)
+    _require_rank(fn, "full_logits", full_shape, "[B, C]", rank=2)
+    _require_size(fn, "full_logits", full_shape, 0, view_shape[1], "B of `view_logits`")
+    _require_size(fn, "full_logits", full_shape, 1, view_shape[2], "C of `view_logits`")
+    _require_weight(fn, "weight", weight, view_shape[1], "B of `view_logits`")
+    return _distillation_kl(view_logits, full_logits, weight)
+
+
+@jax.jit
+def _distillation_kl(view_logits, full_logits, weight):
+    log_p_view = jax.nn.log_softmax(_as_float(view_logits), axis=-1)
+    log_p_full = jax.lax.stop_gradient(jax.nn.log_softmax(_as_float(full_logits), axis=-1))
     per_view = _kl_from_log_probs(log_p_view, jnp.broadcast_to(log_p_full, log_p_view.shape))
     return _batch_mean(jnp.mean(per_view, axis=0), weight)

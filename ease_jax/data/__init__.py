@@ -1,4 +1,9 @@
-"""Data layer: MMSA loading / validation, synthetic data, missingness masks."""
+"""Data layer: MMSA loading / validation, synthetic data, missingness masks.
+
+The generator function is NOT re-exported here: ``ease_jax.data.synthetic`` stays the module
+(``from ease_jax.data.synthetic import synthetic`` gets the function), so that
+``import ease_jax.data.synthetic as m`` and ``from ease_jax.data import synthetic`` agree.
+"""
 
 from ease_jax.data.missing import (
     INTER_MODAL_SUBSETS,
@@ -22,7 +27,7 @@ from ease_jax.data.mmsa import (
     from_raw,
     load_mmsa,
 )
-from ease_jax.data.synthetic import PRESETS, synthetic
+from ease_jax.data.synthetic import PRESETS
 
 __all__ = [
     "INTER_MODAL_SUBSETS",
@@ -41,7 +46,6 @@ __all__ = [
     "from_raw",
     "inter_modal_keep_masks",
     "load_mmsa",
-    "synthetic",
     "train_keep_masks",
     "train_missing_rates",
     "valid_masks",

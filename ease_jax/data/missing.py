@@ -26,6 +26,7 @@ padding; for a degenerate all-padding row the forced positions are padding and s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -284,14 +285,8 @@ def burst_keep_masks(split: Any, rate: float, *, mean_burst: float = 5.0,
 # ---------------------------------------------------------------------------------------------
 
 
-def _text_valid(batch: Mapping[str, Any]) -> jax.Array:
-    return jnp.asarray(batch["text_mask"]) != 0
-
-
-def _frame_valid(batch: Mapping[str, Any], m: str) -> jax.Array:
-    t_len = jnp.shape(batch[m])[1]
-    lengths = jnp.asarray(batch[f"{m}_lengths"])
-    return jnp.arange(t_len)[None, :] < lengths[:, None]
+def _lengths_valid(lengths: jax.Array, t_len: int) -> jax.Array:
+    return jnp.arange(t_len)[None, :] < jnp.asarray(lengths)[:, None]
 
 
 def valid_masks(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -302,13 +297,12 @@ def valid_masks(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """
     out: dict[str, jax.Array] = {}
     if "text_mask" in batch:
-        out["text"] = _text_valid(batch)
+        out["text"] = jnp.asarray(batch["text_mask"]) != 0
     if batch.get("text_features") is not None:
-        shape = jnp.shape(batch["text_features"])[:2]
-        out["text_features"] = jnp.ones(shape, bool)
+        out["text_features"] = jnp.ones(jnp.shape(batch["text_features"])[:2], bool)
     for m in ("audio", "vision"):
         if m in batch and f"{m}_lengths" in batch:
-            out[m] = _frame_valid(batch, m)
+            out[m] = _lengths_valid(batch[f"{m}_lengths"], jnp.shape(batch[m])[1])
     return out
 
 
@@ -318,11 +312,33 @@ def _dropped_fraction(valid: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(n_valid > 0, n_dropped / jnp.maximum(n_valid, 1), 0.0).astype(jnp.float32)
 
 
-def _check_mask(name: str, keep: Any, shape: tuple[int, ...]) -> jax.Array:
-    keep = jnp.asarray(keep)
-    if keep.shape != tuple(shape):
-        raise ValueError(f"keep[{name!r}]: expected shape {tuple(shape)}, got {keep.shape}")
-    return keep.astype(bool)
+def _check_mask(name: str, keep: Any, shape: tuple[int, ...]) -> None:
+    if tuple(jnp.shape(keep)) != tuple(shape):
+        raise ValueError(f"keep[{name!r}]: expected shape {tuple(shape)}, got {jnp.shape(keep)}")
+
+
+@partial(jax.jit, static_argnames="text_mode")
+def _apply_core(x: dict[str, Any], keep: dict[str, Any], text_mode: str) -> dict[str, jax.Array]:
+    out: dict[str, jax.Array] = {}
+    rates = []
+    if "text_features" in x:
+        feats = x["text_features"]
+        k = keep["text_features"].astype(bool)
+        out["text_features"] = feats * k[:, :, None].astype(feats.dtype)
+        feat_rate = _dropped_fraction(jnp.ones(k.shape, bool), k)
+    if "text_ids" in x:
+        ids = x["text_ids"]
+        valid = x["text_mask"] != 0
+        k = keep["text"].astype(bool)
+        out["text_ids"] = jnp.where(valid & ~k, jnp.asarray(UNK_ID, ids.dtype), ids)
+        text_rate = _dropped_fraction(valid, k)
+    rates.append(feat_rate if text_mode == "features" else text_rate)
+    for m in ("audio", "vision"):
+        k = keep[m].astype(bool)
+        out[m] = x[m] * k[:, :, None].astype(x[m].dtype)
+        rates.append(_dropped_fraction(_lengths_valid(x[f"{m}_lengths"], k.shape[1]), k))
+    out["missing_rate"] = jnp.stack(rates, axis=1)
+    return out
 
 
 def apply_keep_masks(batch: Mapping[str, Any], keep: Mapping[str, Any], *,
@@ -337,60 +353,74 @@ def apply_keep_masks(batch: Mapping[str, Any], keep: Mapping[str, Any], *,
       ``keep["text"]`` in ``text_mode="bert"``, all L_f rows and ``keep["text_features"]`` in
       ``text_mode="features"``.
 
-    Keys not listed are passed through untouched. jnp throughout (jit-able; accepts NumPy).
+    Text ids are replaced whenever ``batch`` has ``text_ids`` and ``keep`` has ``"text"``, text
+    features whenever both sides have ``"text_features"``, whatever ``text_mode``. Keys not
+    listed are passed through untouched. jnp throughout: works inside ``jit`` and on NumPy inputs
+    (the array work is itself one jitted function, so eager calls compile once per shape).
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode: expected one of {TEXT_MODES}, got {text_mode!r}")
-    out = dict(batch)
-    text_rate = feat_rate = None
-
+    x: dict[str, Any] = {}
+    k: dict[str, Any] = {}
     if batch.get("text_features") is not None and "text_features" in keep:
-        feats = jnp.asarray(batch["text_features"])
-        k = _check_mask("text_features", keep["text_features"], feats.shape[:2])
-        out["text_features"] = feats * k[:, :, None].astype(feats.dtype)
-        feat_rate = _dropped_fraction(jnp.ones(k.shape, bool), k)
+        x["text_features"] = batch["text_features"]
+        k["text_features"] = keep["text_features"]
+        _check_mask("text_features", k["text_features"], jnp.shape(x["text_features"])[:2])
+    elif text_mode == "features":
+        raise ValueError("keep: text_mode='features' needs batch['text_features'] and "
+                         "keep['text_features']")
     if "text_ids" in batch and "text" in keep:
-        ids = jnp.asarray(batch["text_ids"])
-        valid = _text_valid(batch)
-        k = _check_mask("text", keep["text"], ids.shape)
-        out["text_ids"] = jnp.where(valid & ~k, jnp.asarray(UNK_ID, ids.dtype), ids)
-        text_rate = _dropped_fraction(valid, k)
-
-    if text_mode == "features":
-        if feat_rate is None:
-            raise ValueError("keep: text_mode='features' needs batch['text_features'] and "
-                             "keep['text_features']")
-        rates = [feat_rate]
-    else:
-        if text_rate is None:
-            raise ValueError("keep: text_mode='bert' needs batch['text_ids'], batch['text_mask'] "
-                             "and keep['text']")
-        rates = [text_rate]
-
+        x["text_ids"], x["text_mask"] = batch["text_ids"], batch["text_mask"]
+        k["text"] = keep["text"]
+        _check_mask("text", k["text"], jnp.shape(x["text_ids"]))
+    elif text_mode == "bert":
+        raise ValueError("keep: text_mode='bert' needs batch['text_ids'], batch['text_mask'] "
+                         "and keep['text']")
     for m in ("audio", "vision"):
-        x = jnp.asarray(batch[m])
-        k = _check_mask(m, keep[m], x.shape[:2])
-        out[m] = x * k[:, :, None].astype(x.dtype)
-        rates.append(_dropped_fraction(_frame_valid(batch, m), k))
-    out["missing_rate"] = jnp.stack(rates, axis=1)
+        x[m], x[f"{m}_lengths"], k[m] = batch[m], batch[f"{m}_lengths"], keep[m]
+        _check_mask(m, k[m], jnp.shape(x[m])[:2])
+    out = dict(batch)
+    out.update(_apply_core(x, k, text_mode=text_mode))
     return out
+
+
+def _modality_keys(key: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+    """(rate key, position-noise key) of modality i: ``split(fold_in(key, i))``."""
+    k_rate, k_noise = jax.random.split(jax.random.fold_in(key, i))
+    return k_rate, k_noise
+
+
+def _per_modality_uniform(key: jax.Array, n_modalities: int, shape: tuple[int, ...],
+                          which: int) -> jax.Array:
+    """(n_modalities, *shape) uniforms, row i from ``split(fold_in(key, i))[which]``.
+
+    One vmapped draw instead of one per modality: the keys stay per modality, but XLA compiles a
+    single random-bits kernel (compile time dominates on CPU).
+    """
+    keys = jax.vmap(lambda i: _modality_keys(key, i)[which])(jnp.arange(n_modalities))
+    return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
+
+
+@partial(jax.jit, static_argnames=("batch_size", "n_modalities"))
+def _rates_core(key: jax.Array, batch_size: int, n_modalities: int) -> jax.Array:
+    u = _per_modality_uniform(key, n_modalities, (2, batch_size), 0)
+    # Rank of a second uniform = a uniformly random permutation (argsort is stable, so exactly
+    # floor(B/2) ranks fall below B // 2 even with ties). Cheaper to compile than
+    # jax.random.permutation + scatter.
+    rank = jnp.argsort(jnp.argsort(u[:, 1], axis=1), axis=1)
+    return jnp.where(rank < batch_size // 2, 0.0, u[:, 0])
 
 
 def train_missing_rates(key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
     """Per-sample training missing rates (B,) for "text", "audio", "vision".
 
-    r ~ U(0, 1) per sample, then exactly ``batch_size // 2`` samples (a random permutation,
-    independent per modality) get r = 0. Modality i uses ``fold_in(key, i)``; this is the same
-    derivation :func:`train_keep_masks` uses, so the two agree for the same key.
+    r ~ U(0, 1) per sample, then exactly ``batch_size // 2`` samples (a uniformly random subset,
+    drawn independently per modality) get r = 0. Modality i draws from the first half of
+    ``split(fold_in(key, i))``; :func:`train_keep_masks` uses the same derivation (and the second
+    half for its position noise), so the two agree for the same key.
     """
-    out = {}
-    n_zero = batch_size // 2
-    for i, m in enumerate(MODALITIES):
-        k_rate, k_perm, _ = jax.random.split(jax.random.fold_in(key, i), 3)
-        r = jax.random.uniform(k_rate, (batch_size,))
-        zero = jax.random.permutation(k_perm, batch_size)[:n_zero]
-        out[m] = r.at[zero].set(0.0)
-    return out
+    rates = _rates_core(key, int(batch_size), len(MODALITIES))
+    return {m: rates[i] for i, m in enumerate(MODALITIES)}
 
 
 def _jnp_force_text_ends(keep: jax.Array, attention: jax.Array) -> jax.Array:
@@ -400,41 +430,50 @@ def _jnp_force_text_ends(keep: jax.Array, attention: jax.Array) -> jax.Array:
     return keep.at[jnp.arange(b), last].set(True)
 
 
+@partial(jax.jit, static_argnames=("t_audio", "t_vision", "l_feat"))
+def _train_core(key: jax.Array, text_mask: jax.Array, audio_lengths: jax.Array,
+                vision_lengths: jax.Array, t_audio: int, t_vision: int,
+                l_feat: int | None) -> dict[str, jax.Array]:
+    b, l_len = text_mask.shape
+    rates = _rates_core(key, b, len(MODALITIES))
+    # Position noise for the three modalities in one vmapped draw, padded to the longest axis.
+    t_max = max(l_len, t_audio, t_vision)
+    u = _per_modality_uniform(key, len(MODALITIES), (b, t_max), 1)
+    valid = (text_mask != 0, _lengths_valid(audio_lengths, t_audio),
+             _lengths_valid(vision_lengths, t_vision))
+    keep = [(u[i, :, : v.shape[1]] > rates[i][:, None]) & v for i, v in enumerate(valid)]
+    keep_text = _jnp_force_text_ends(keep[0], text_mask)
+    out = {"text": keep_text}
+    if l_feat is not None:
+        if l_feat == l_len:
+            out["text_features"] = keep_text
+        else:
+            u_feat = jax.random.uniform(jax.random.fold_in(key, len(MODALITIES)), (b, l_feat))
+            out["text_features"] = u_feat > rates[0][:, None]
+    out["audio"], out["vision"] = keep[1], keep[2]
+    return out
+
+
 def train_keep_masks(key: jax.Array, batch: Mapping[str, Any], *,
                      text_mode: str = "bert") -> dict[str, jax.Array]:
     """Training keep masks (LNLN protocol, redrawn from ``key`` every step; jit-able).
 
     Per sample and modality a rate r from :func:`train_missing_rates` (r ~ U(0, 1), exactly
     floor(B/2) samples with r = 0); ``keep = (u > r) & valid`` with fresh u ~ U(0, 1) per
-    position. Text also keeps [CLS] and the last valid token. Text features (when present) share
-    the text rate r (one "language" modality) with their own noise over the L_f rows, or reuse the
-    text mask when L_f == L, mirroring :func:`eval_keep_masks`. ``text_mode`` only checks that the
-    inputs that mode needs are present.
+    position from the modality's own sub-key. Text also keeps [CLS] and the last valid token.
+    Text features (when present) share the text rate r (one "language" modality) with their own
+    noise (``fold_in(key, 3)``) over the L_f rows, or reuse the text mask when L_f == L, mirroring
+    :func:`eval_keep_masks`. ``text_mode`` only checks that the inputs that mode needs are
+    present. Reads ``text_mask``, the lengths and the shapes of ``audio`` / ``vision`` /
+    ``text_features``.
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode: expected one of {TEXT_MODES}, got {text_mode!r}")
     has_features = batch.get("text_features") is not None
     if text_mode == "features" and not has_features:
         raise ValueError("batch: text_mode='features' needs batch['text_features']")
-    attention = jnp.asarray(batch["text_mask"])
-    b = attention.shape[0]
-    rates = train_missing_rates(key, b)
-    noise_keys = [jax.random.split(jax.random.fold_in(key, i), 3)[2] for i in range(3)]
-
-    def draw(k: jax.Array, r: jax.Array, valid: jax.Array) -> jax.Array:
-        u = jax.random.uniform(k, valid.shape)
-        return (u > r[:, None]) & valid
-
-    out: dict[str, jax.Array] = {}
-    keep_text = _jnp_force_text_ends(draw(noise_keys[0], rates["text"], attention != 0), attention)
-    out["text"] = keep_text
-    if has_features:
-        fshape = jnp.shape(batch["text_features"])[:2]
-        if fshape[1] == attention.shape[1]:
-            out["text_features"] = keep_text
-        else:
-            k_feat = jax.random.fold_in(key, len(MODALITIES))
-            out["text_features"] = draw(k_feat, rates["text"], jnp.ones(fshape, bool))
-    for i, m in enumerate(("audio", "vision"), start=1):
-        out[m] = draw(noise_keys[i], rates[m], _frame_valid(batch, m))
-    return out
+    l_feat = int(jnp.shape(batch["text_features"])[1]) if has_features else None
+    return _train_core(key, jnp.asarray(batch["text_mask"]),
+                       jnp.asarray(batch["audio_lengths"]), jnp.asarray(batch["vision_lengths"]),
+                       t_audio=int(jnp.shape(batch["audio"])[1]),
+                       t_vision=int(jnp.shape(batch["vision"])[1]), l_feat=l_feat)

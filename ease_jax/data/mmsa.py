@@ -62,12 +62,13 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Split:
     """One validated split. Shapes: N samples, L BERT tokens, T_a / T_v frames.
 
     ``nonfinite_replaced`` counts the audio and vision values that were non-finite (or overflowed
     float32) in the source and were set to 0. ``take`` keeps the count of the split it came from.
+    Equality and hashing are by identity (the fields are arrays).
     """
 
     name: str
@@ -140,7 +141,7 @@ class Split:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MMSAData:
     """The three validated splits plus where they came from."""
 
@@ -184,6 +185,14 @@ def _numpy_multiarray_attr(name: str) -> Any:
     return getattr(mod, name)
 
 
+def _numpy_numeric_frombuffer() -> Any:
+    core = getattr(np, "_core", None)
+    mod = getattr(core, "numeric", None) if core is not None else None
+    if mod is None or not hasattr(mod, "_frombuffer"):
+        mod = np.core.numeric  # pragma: no cover - NumPy 1.x only
+    return mod._frombuffer
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     import _codecs
     import builtins
@@ -193,6 +202,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = _numpy_multiarray_attr("_reconstruct")
         allowed[(mod, "scalar")] = _numpy_multiarray_attr("scalar")
+        # Protocol 5 rebuilds arrays with _frombuffer(bytes, dtype, shape, order): no code runs.
+        allowed[(mod.replace("multiarray", "numeric"), "_frombuffer")] = _numpy_numeric_frombuffer()
     allowed[("numpy", "ndarray")] = np.ndarray
     allowed[("numpy", "dtype")] = np.dtype
     # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"): a pure function.

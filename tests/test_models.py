@@ -1,0 +1,437 @@
+"""Tests of `ease_jax.models` (PROTOCOL.md sections 5, 6, 8): output shapes at the three data sets'
+feature dimensions, parameter counts (against the protocol's numbers and hand arithmetic), EASE's
+randomness (imputation noise, subset views) and the subset views' masking.
+
+Shape and count checks use `jax.eval_shape` (nothing is allocated or compiled); the behavioural
+checks run a deliberately tiny EASE (d = 16, 2 tokens, depth-1 encoders and fusion) under `jit`.
+"""
+
+import math
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ease_jax.config import model_config, replace
+from ease_jax.models import build_model, count_parameters, dummy_inputs, init_params
+from ease_jax.models.ease import FusionHead, view_keep_flags
+
+# Audio / vision feature widths of the MMSA files (PROTOCOL.md section 1).
+FEATURE_DIMS = {"mosi": (5, 20), "mosei": (74, 35), "sims": (33, 709)}
+SHORT = dict(text_encoder="features", text_len=6, audio_len=7, vision_len=9, text_dim=16)
+
+# A tiny EASE / LNLN for behavioural tests (real computation, compiled once each).
+TINY = dict(text_encoder="features", text_len=4, text_dim=6, audio_len=5, audio_dim=5,
+            vision_len=6, vision_dim=7, dim=16, heads=2, dim_head=8, mlp_dim=16, tokens=2,
+            encoder_depth=1, fusion_depth=1, cross_depth=1, hyper_layers=1, hyper_dim_head=8)
+
+EASE_EVAL_KEYS = {"pred", "tokens", "imp_mean", "imp_var", "imp_sample", "uncertainty", "gate",
+                  "fused"}
+EASE_TRAIN_KEYS = EASE_EVAL_KEYS | {"clean_tokens", "view_preds", "view_keep"}
+LNLN_EVAL_KEYS = {"pred", "tokens", "completeness", "dominant", "reconstruction"}
+LNLN_TRAIN_KEYS = LNLN_EVAL_KEYS | {"clean_tokens", "disc_logits"}
+
+
+# Cheaper XLA compilation for these small CPU programs (the result is the same computation).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _rngs(seed=0):
+    k_params, k_noise, k_views = jax.random.split(jax.random.key(seed), 3)
+    return {"params": k_params, "noise": k_noise, "views": k_views}
+
+
+def _init_with_train_output(cfg, batch=2):
+    """(train-mode outputs on clean inputs, params), as shapes (one trace, nothing computed)."""
+    x = dummy_inputs(cfg, batch)
+    model = build_model(cfg)
+    out, variables = jax.eval_shape(
+        lambda: model.init_with_output(_rngs(), x, x, train=True))
+    return out, variables["params"]
+
+
+def _param_shapes(cfg):
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+
+def _count(tree):
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def random_params(cfg, seed=0):
+    """Generic random parameters with the model's shapes (no compiled init): kernels
+    N(0, 1/fan_in), LayerNorm scales 1 + N(0, 0.01), the rest N(0, 0.09)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[0])
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(s.shape)
+        else:
+            value = 0.3 * rng.standard_normal(s.shape)
+        return jnp.asarray(value, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, _param_shapes(cfg))
+
+
+def make_batch(cfg, batch, seed, drop=0.4, full_drop=None):
+    """(incomplete, clean) model inputs: clean features are random; the incomplete copy zeroes each
+    frame with probability `drop` (never all of a row's text); `missing_rate` is the dropped
+    fraction. `full_drop=(row, modality)` drops that whole modality of one row (r = 1)."""
+    rng = np.random.default_rng(seed)
+    keys = ("text_features", "audio", "vision")
+    shapes = ((cfg.text_len, cfg.text_dim), (cfg.audio_len, cfg.audio_dim),
+              (cfg.vision_len, cfg.vision_dim))
+    clean, incomplete, rates = {}, {}, []
+    for m, (key, (t, f)) in enumerate(zip(keys, shapes)):
+        x = rng.standard_normal((batch, t, f)).astype(np.float32)
+        dropped = rng.random((batch, t)) < drop
+        dropped[:, 0] = False
+        if full_drop is not None and full_drop[1] == m:
+            dropped[full_drop[0]] = True
+        clean[key] = jnp.asarray(x)
+        incomplete[key] = jnp.asarray(np.where(dropped[..., None], 0.0, x))
+        rates.append(dropped.mean(1))
+    incomplete["missing_rate"] = jnp.asarray(np.stack(rates, 1), jnp.float32)
+    clean["missing_rate"] = jnp.zeros((batch, 3), jnp.float32)
+    return incomplete, clean
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes at the data sets' dimensions (eval_shape: free)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["mosi", "mosei", "sims"])
+@pytest.mark.parametrize("model", ["ease", "lnln"])
+def test_output_shapes(model, dataset):
+    cfg = model_config(model, dataset, **SHORT)
+    d_a, d_v = FEATURE_DIMS[dataset]
+    assert (cfg.audio_dim, cfg.vision_dim) == (d_a, d_v)
+    dims = chex.Dimensions(B=2, K=8, D=128, V=2, M=3, C=2, P=2)
+    train, params = _init_with_train_output(cfg, dims.B)
+    enc = params["encoder"]
+    chex.assert_shape(enc["text"]["proj"]["kernel"], (16, 128))
+    chex.assert_shape(enc["audio"]["proj"]["kernel"], (d_a, 128))
+    chex.assert_shape(enc["vision"]["proj"]["kernel"], (d_v, 128))
+    for m, t in (("text", 6), ("audio", 7), ("vision", 9)):  # T + 8 tokens
+        chex.assert_shape(enc[m]["transformer"]["pos_embedding"], (t + 8, 128))
+
+    model_ = build_model(cfg)
+    x = dummy_inputs(cfg, dims.B)
+    evaluation = jax.eval_shape(lambda p: model_.apply({"params": p}, x), params)
+
+    if model == "ease":
+        assert set(train) == EASE_TRAIN_KEYS and set(evaluation) == EASE_EVAL_KEYS
+        chex.assert_shape([train["view_preds"]], dims["VB"])
+        chex.assert_shape(train["view_keep"], dims["VBM"])
+        assert train["view_keep"].dtype == jnp.bool_
+        for out in (train, evaluation):
+            chex.assert_shape([out[k] for k in ("tokens", "imp_mean", "imp_var", "imp_sample",
+                                                "fused")], dims["MBKD"])
+            chex.assert_shape([out["uncertainty"], out["gate"]], dims["MB"])
+    else:
+        assert set(train) == LNLN_TRAIN_KEYS and set(evaluation) == LNLN_EVAL_KEYS
+        chex.assert_shape(train["disc_logits"], dims["PBKC"])  # row 0 h_d, row 1 clean text
+        for out in (train, evaluation):
+            chex.assert_shape([out["tokens"], out["reconstruction"]], dims["MBKD"])
+            chex.assert_shape(out["dominant"], dims["BKD"])
+            chex.assert_shape(out["completeness"], dims["B"])
+        depth = 2 if dataset == "mosi" else 4  # cross Transformer depth (section 8)
+        assert {k for k in params["cross"] if k.startswith("attn_")} == {
+            f"attn_{i}" for i in range(depth)}
+        if dataset == "mosi":  # LNLN draws no random numbers: training needs no rng
+            jax.eval_shape(lambda p: model_.apply({"params": p}, x, x, train=True), params)
+    chex.assert_shape(train["pred"], dims["B"])
+    chex.assert_shape(train["clean_tokens"], dims["MBKD"])
+    chex.assert_shape(evaluation["pred"], dims["B"])
+    for out in (train, evaluation):
+        assert all(v.dtype in (jnp.float32, jnp.bool_) for v in out.values())
+
+
+def test_dummy_inputs_layout():
+    cfg = model_config("ease", "sims", text_len=7)
+    x = dummy_inputs(cfg, 3)
+    assert set(x) == {"text_ids", "text_mask", "text_types", "audio", "vision", "missing_rate"}
+    chex.assert_shape([x["text_ids"], x["text_mask"], x["text_types"]], (3, 7))
+    assert x["text_ids"].dtype == jnp.int32
+    chex.assert_shape(x["audio"], (3, 400, 33))
+    chex.assert_shape(x["vision"], (3, 55, 709))
+    chex.assert_shape(x["missing_rate"], (3, 3))
+    x = dummy_inputs(model_config("lnln", "mosi", **SHORT), 2)
+    assert set(x) == {"text_features", "audio", "vision", "missing_rate"}
+    chex.assert_shape(x["text_features"], (2, 6, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts (eval_shape: free) against the protocol and hand arithmetic
+# --------------------------------------------------------------------------------------------
+
+LAYER = 296_320  # one block at d = 128 (see tests/test_layers.py)
+
+
+def _transformer(frames, tokens, depth):
+    return tokens * 128 + (frames + tokens) * 128 + depth * LAYER
+
+
+def _encoders(text_dim, text_len, d_a, t_a, d_v, t_v):
+    return sum(d * 128 + 128 + _transformer(t, 8, 2)
+               for d, t in ((text_dim, text_len), (d_a, t_a), (d_v, t_v)))
+
+
+GATE = _transformer(8, 1, 2) + 128 * 64 + 64 + 64 + 1
+GAUSSIAN = 4 * (128 * 128 + 128)
+IMPUTER = _transformer(16, 0, 2)
+FUSION = 128 + _transformer(25, 0, 4) + 128 + 1
+HYPER = 4 * 256 + 5 * 128 * 128 + 128 * 128 + 128
+
+
+def _ease_by_hand(dims, use_ucmi=True):
+    return _encoders(*dims) + FUSION + (3 * (IMPUTER + GAUSSIAN + GATE) if use_ucmi else 0)
+
+
+def _lnln_by_hand(dims, cross_depth):
+    return (_encoders(*dims) + GATE  # completeness check
+            + 8 * 128 + _transformer(24, 8, 2)  # proxy tokens + proxy generator
+            + 128 * 64 + 64 + 64 * 2 + 2  # effectiveness discriminator
+            + 3 * _transformer(8, 0, 2)  # reconstructors
+            + _transformer(8, 0, 2)  # language Transformer
+            + 8 * 128 + 3 * HYPER  # hyper tokens + hyper-modality learner
+            + 128 + 2 * 9 * 128 + cross_depth * LAYER  # cross Transformer
+            + 128 + 1)  # regressor
+
+
+# (text_dim, L, D_a, T_a, D_v, T_v), PROTOCOL.md section 1; text_dim 768 = BERT features.
+DATA_DIMS = {"mosi": (768, 50, 5, 375, 20, 500), "mosei": (768, 50, 74, 500, 35, 500),
+             "sims": (768, 39, 33, 400, 709, 55)}
+
+
+def test_parameter_counts_features_mode_mosi():
+    ease = count_parameters("ease", "mosi", text_encoder="features")
+    lnln = count_parameters("lnln", "mosi", text_encoder="features")
+    assert ease == {"total": 6_982_020, "bert": 0, "non_bert": 6_982_020}
+    assert lnln == {"total": 6_483_012, "bert": 0, "non_bert": 6_483_012}
+    assert _ease_by_hand(DATA_DIMS["mosi"]) == 6_982_020
+    assert _lnln_by_hand(DATA_DIMS["mosi"], cross_depth=2) == 6_483_012
+
+
+def test_parameter_counts_mosei_and_sims():
+    spec = {("ease", "mosei"): 7.01e6, ("ease", "sims"): 7.02e6,
+            ("lnln", "mosei"): 7.10e6, ("lnln", "sims"): 7.11e6}
+    counts = {key: count_parameters(*key, text_encoder="features")["non_bert"] for key in spec}
+    print("non-BERT parameter counts: " + ", ".join(
+        f"{m.upper()} {d.upper()} {n:,}" for (m, d), n in counts.items()))
+    for (model, dataset), n in counts.items():
+        assert abs(n - spec[model, dataset]) <= 0.01 * spec[model, dataset], (model, dataset, n)
+        by_hand = (_ease_by_hand(DATA_DIMS[dataset]) if model == "ease"
+                   else _lnln_by_hand(DATA_DIMS[dataset], cross_depth=4))
+        assert n == by_hand, (model, dataset)
+
+
+def test_parameter_counts_bert_mode():
+    pytest.importorskip("ease_jax.bert")
+    ease = count_parameters("ease", "mosi")
+    lnln = count_parameters("lnln", "mosi")
+    assert ease == {"total": 116_464_260, "bert": 109_482_240, "non_bert": 6_982_020}
+    assert lnln == {"total": 115_965_252, "bert": 109_482_240, "non_bert": 6_483_012}
+    sims = count_parameters("ease", "sims")
+    # bert-base-chinese = bert-base-uncased with a 21,128-word instead of 30,522-word vocabulary.
+    assert sims["bert"] == 109_482_240 - (30_522 - 21_128) * 768 == 102_267_648
+    assert abs(sims["bert"] - 102.27e6) <= 0.01 * 102.27e6
+    assert sims["non_bert"] == _ease_by_hand(DATA_DIMS["sims"])
+    print(f"BERT mode: EASE SIMS total {sims['total']:,} (bert-base-chinese {sims['bert']:,})")
+
+
+def test_without_ucmi_removes_imputer_gate_and_outputs():
+    cfg = model_config("ease", "mosi", text_encoder="features", use_ucmi=False)
+    params = _param_shapes(cfg)
+    assert set(params) == {"encoder", "fusion"}
+    assert _count(params) == _ease_by_hand(DATA_DIMS["mosi"], use_ucmi=False) == 3_193_089
+    small = model_config("ease", "mosi", **SHORT, use_ucmi=False)
+    x = dummy_inputs(small)
+    model = build_model(small)
+    rngs = {"params": jax.random.key(0), "views": jax.random.key(1)}  # no "noise": no sampling
+    out, variables = jax.eval_shape(lambda: model.init_with_output(rngs, x, x, train=True))
+    assert set(out) == {"pred", "tokens", "clean_tokens", "view_preds", "view_keep"}
+    assert set(jax.eval_shape(lambda p: model.apply(p, x), variables)) == {"pred", "tokens"}
+
+
+def test_zero_views_removes_view_outputs_but_no_parameters():
+    cfg = model_config("ease", "mosi", **SHORT, n_views=0)
+    x = dummy_inputs(cfg)
+    model = build_model(cfg)
+    rngs = {"params": jax.random.key(0), "noise": jax.random.key(1)}  # no "views" stream
+    out, variables = jax.eval_shape(lambda: model.init_with_output(rngs, x, x, train=True))
+    assert set(out) == EASE_TRAIN_KEYS - {"view_preds", "view_keep"}
+    # Views reuse the fusion head: the same parameters as with views.
+    assert _count(variables["params"]) == _ease_by_hand((16, 6, 5, 7, 20, 9))
+
+
+# --------------------------------------------------------------------------------------------
+# Subset-view keep flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_view_keep_flags_statistics():
+    n_views, batch = 3, 8192
+    keep = np.asarray(view_keep_flags(jax.random.key(0), n_views, batch, 0.5))
+    assert keep.shape == (n_views, batch, 3) and keep.dtype == np.bool_
+    kept = keep.sum(-1)
+    assert kept.min() >= 1  # every row keeps at least one modality
+    # P(keep m) = 1/2 + P(none) / 3 = 1/2 + 1/24; P(all three) = 1/8; P(exactly one) = 3/8 + 1/8.
+    n = n_views * batch
+    tol = lambda p: 4.5 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    for m in range(3):
+        assert abs(keep[..., m].mean() - 13 / 24) < tol(13 / 24), m
+    assert abs((kept == 3).mean() - 1 / 8) < tol(1 / 8)
+    assert abs((kept == 1).mean() - 1 / 2) < tol(1 / 2)
+    # Views and rows are drawn independently of each other.
+    assert not np.array_equal(keep[0], keep[1])
+
+
+def test_view_keep_flags_extremes():
+    keep = np.asarray(view_keep_flags(jax.random.key(1), 3, 8192, 0.0))
+    np.testing.assert_array_equal(keep.sum(-1), 1)  # nothing kept -> exactly one rescued
+    shares = keep.reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.02)  # uniformly chosen
+    np.testing.assert_array_equal(np.asarray(view_keep_flags(jax.random.key(2), 3, 8192, 1.0)),
+                                  True)
+
+
+# --------------------------------------------------------------------------------------------
+# EASE behaviour on a tiny model (compiled)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ease():
+    cfg = model_config("ease", "mosi", **TINY)
+    return cfg, build_model(cfg), random_params(cfg, seed=1)
+
+
+@pytest.fixture(scope="module")
+def train_apply(tiny_ease):
+    cfg, model, params = tiny_ease
+
+    @jax.jit(compiler_options=FAST)
+    def run(params, inputs, clean, k_noise, k_views):
+        return model.apply({"params": params}, inputs, clean, train=True,
+                           rngs={"noise": k_noise, "views": k_views})
+
+    return run
+
+
+def test_ease_eval_is_deterministic_needs_no_rng_and_compiles_once(tiny_ease):
+    cfg, model, params = tiny_ease
+
+    @jax.jit(compiler_options=FAST)
+    @chex.assert_max_traces(n=1)
+    def evaluate(params, inputs):
+        return model.apply({"params": params}, inputs)  # no rngs: none may be needed
+
+    inputs, _ = make_batch(cfg, 3, seed=0)
+    first, second = evaluate(params, inputs), evaluate(params, inputs)
+    for key in EASE_EVAL_KEYS:
+        np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]))
+    np.testing.assert_array_equal(np.asarray(first["imp_sample"]), np.asarray(first["imp_mean"]))
+    assert np.isfinite(np.asarray(first["pred"])).all()
+    preds = [first["pred"]]
+    for seed in (1, 2):  # new data, same shapes: no retrace
+        preds.append(evaluate(params, make_batch(cfg, 3, seed=seed)[0])["pred"])
+    assert not np.allclose(np.asarray(preds[0]), np.asarray(preds[1]))
+    with pytest.raises(AssertionError):  # a new shape would retrace: the guard is live
+        evaluate(params, make_batch(cfg, 5, seed=3)[0])
+
+
+def test_ease_train_sampling_depends_on_noise_rng(tiny_ease, train_apply):
+    cfg, model, params = tiny_ease
+    inputs, clean = make_batch(cfg, 4, seed=4)
+    keys = jax.random.split(jax.random.key(7), 3)
+    base = train_apply(params, inputs, clean, keys[0], keys[1])
+    again = train_apply(params, inputs, clean, keys[0], keys[1])
+    new_noise = train_apply(params, inputs, clean, keys[2], keys[1])
+    new_views = train_apply(params, inputs, clean, keys[0], keys[2])
+    for key in EASE_TRAIN_KEYS:
+        np.testing.assert_array_equal(np.asarray(base[key]), np.asarray(again[key]))
+    a = lambda out, k: np.asarray(out[k])  # noqa: E731
+    assert not np.allclose(a(base, "imp_sample"), a(new_noise, "imp_sample"))
+    assert not np.allclose(a(base, "pred"), a(new_noise, "pred"))
+    np.testing.assert_array_equal(a(base, "imp_mean"), a(new_noise, "imp_mean"))
+    np.testing.assert_array_equal(a(base, "view_keep"), a(new_noise, "view_keep"))
+    # The "views" stream moves the keep flags only.
+    assert not np.array_equal(a(base, "view_keep"), a(new_views, "view_keep"))
+    np.testing.assert_array_equal(a(base, "imp_sample"), a(new_views, "imp_sample"))
+    # Eq. 3: z_hat = mu + sqrt(var) * eps, eps ~ N(0, 1) (not var * eps).
+    eps = (a(base, "imp_sample") - a(base, "imp_mean")) / np.sqrt(a(base, "imp_var"))
+    assert abs(eps.mean()) < 0.2 and 0.85 < eps.std() < 1.15, (eps.mean(), eps.std())
+    # Train mode without the "noise" stream fails loudly.
+    with pytest.raises(flax.errors.InvalidRngError):
+        jax.eval_shape(lambda p: model.apply({"params": p}, inputs, clean, train=True,
+                                             rngs={"views": keys[1]}), params)
+
+
+def test_ease_gate_fusion_and_uncertainty(tiny_ease, train_apply):
+    cfg, _, params = tiny_ease
+    inputs, clean = make_batch(cfg, 4, seed=5, full_drop=(2, 1))  # row 2 has lost all audio
+    out = jax.tree_util.tree_map(
+        lambda v: np.asarray(v, np.float64) if v.dtype != jnp.bool_ else np.asarray(v),
+        train_apply(params, inputs, clean, jax.random.key(1), jax.random.key(2)))
+    rate = np.asarray(inputs["missing_rate"], np.float64)  # [B, 3]
+    assert rate[2, 1] == 1.0
+    gate = out["gate"]  # [3, B] = w (1 - r)
+    assert gate[1, 2] == 0.0  # fully missing audio: only the imputation is used
+    assert np.all(gate >= 0) and np.all(gate <= 1.0 - rate.T + 1e-6)
+    assert np.all(gate[rate.T < 1] > 0)
+    w = gate[..., None, None]
+    np.testing.assert_allclose(out["fused"], w * out["tokens"] + (1 - w) * out["imp_sample"],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["fused"][1, 2], out["imp_sample"][1, 2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["uncertainty"], out["imp_var"].mean(axis=(2, 3)), rtol=1e-5)
+    assert np.all(out["imp_var"] >= np.float32(1e-6))
+
+
+def test_ease_views_zero_the_dropped_modalities(tiny_ease, train_apply):
+    cfg, _, params = tiny_ease
+    b, k, d = 4, cfg.tokens, cfg.dim
+    inputs, clean = make_batch(cfg, b, seed=6)
+    out = train_apply(params, inputs, clean, jax.random.key(3), jax.random.key(4))
+    fused = np.asarray(out["fused"])  # [3, B, K, d]
+    keep = np.asarray(out["view_keep"])  # [V, B, 3]
+    assert keep.shape == (cfg.n_views, b, 3) and keep.sum(-1).min() >= 1
+    assert not keep.all()  # this key drops something (else the test would prove nothing)
+    rows = [np.concatenate([fused[m, i] for m in range(3)], 0) for i in range(b)]  # l, a, v
+    masked = [np.concatenate([fused[m, i] * keep[v, i, m] for m in range(3)], 0)
+              for v in range(cfg.n_views) for i in range(b)]
+    tokens = jnp.asarray(np.stack(rows + masked))  # [(1 + V) B, 3K, d]
+    assert tokens.shape == ((1 + cfg.n_views) * b, 3 * k, d)
+    fusion = jax.jit(FusionHead(cfg).apply, compiler_options=FAST)({"params": params["fusion"]}, tokens)
+    np.testing.assert_allclose(np.asarray(out["pred"]), np.asarray(fusion[:b]),
+                               rtol=1e-5, atol=1e-5)
+    view_preds = np.asarray(out["view_preds"])
+    np.testing.assert_allclose(view_preds, np.asarray(fusion[b:]).reshape(cfg.n_views, b),
+                               rtol=1e-5, atol=1e-5)
+    # Views that drop a modality predict differently from the full view.
+    dropped = ~keep.all(-1)
+    assert not np.allclose(view_preds[dropped],
+                           np.broadcast_to(np.asarray(out["pred"]), view_preds.shape)[dropped])
+
+
+def test_sample_at_eval_makes_evaluation_random(tiny_ease):
+    cfg, _, params = tiny_ease
+    model = build_model(replace(cfg, sample_at_eval=True))
+    evaluate = jax.jit(lambda p, x, key: model.apply({"params": p}, x, rngs={"noise": key}),
+                       compiler_options=FAST)
+    inputs, _ = make_batch(cfg, 3, seed=7)
+    a, b = evaluate(params, inputs, jax.random.key(0)), evaluate(params, inputs, jax.random.key(1))
+    again = evaluate(params, inputs, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(a["pred"]), np.asarray(again["pred"]))
+    assert not np.allclose(np.asarray(a["pred"]), np.asarray(b["pred"]))
+    assert not np.allclose(np.asarray(a["imp_sample"]), np.asarray(a["imp_mean"]))
+    assert "view_preds" not in a  # views are a training-only device
+    with pytest.raises(flax.errors.InvalidRngError):
+        jax.eval_shape(lambda p: model.apply({"params": p}, inputs), params)
