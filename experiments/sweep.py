@@ -28,7 +28,7 @@ DEFAULT_DATA = {
 BERT_NAMES = {"mosi": "bert-base-uncased", "mosei": "bert-base-uncased", "sims": "bert-base-chinese"}
 # Small synthetic run: finishes in minutes on a 2-core CPU (see README).
 SYNTHETIC = dict(n_train=384, n_valid=128, n_test=256, text_len=8, audio_len=8, vision_len=8)
-SYNTHETIC_TRAIN = dict(epochs=20, warmup_epochs=2, lr=1e-3, seeds=(1111,))
+SYNTHETIC_TRAIN = dict(epochs=12, warmup_epochs=2, lr=1e-3, seeds=(1111,))
 
 # Paper numbers (PROTOCOL.md section 10; EASE paper Tables 1-2): 10-rate means, paper protocol.
 PAPER_ROWS = {
@@ -147,6 +147,7 @@ def main(dataset: str, argv=None) -> dict:
 
     import jax
 
+    _enable_compilation_cache(jax)
     from ease_jax.config import RunConfig, replace
     from ease_jax.evaluate import aggregate, protocol_table
     from ease_jax.metrics import regression_metrics
@@ -248,7 +249,7 @@ def results_markdown(results: dict, model: str, label: str) -> str:
              "| row | protocol | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(head)]
     for name, vals in PAPER_ROWS[ds].items():
-        cells = [f"{v:.3f}" if i >= len(head) - 2 else f"{v:.2f}" for i, v in enumerate(vals)]
+        cells = [f"{v:.3f}" if i >= len(vals) - 2 else f"{v:.2f}" for i, v in enumerate(vals)]
         merged, i = [], 0
         for _, metrics in TABLE_COLUMNS[ds]:
             merged.append(" / ".join(cells[i:i + len(metrics)]))
@@ -323,9 +324,22 @@ def _jsonable(x):
     return str(x)
 
 
+def _enable_compilation_cache(jax) -> None:
+    """Persist compiled train / eval steps across runs (compiling the train step takes minutes on
+    a CPU). Off with EASE_JAX_NO_COMPILATION_CACHE=1; location EASE_JAX_CACHE_DIR."""
+    import os
+
+    if os.environ.get("EASE_JAX_NO_COMPILATION_CACHE"):
+        return
+    cache = os.environ.get("EASE_JAX_CACHE_DIR", str(Path.home() / ".cache" / "ease_jax" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
 def _logger(path: Path) -> logging.Logger:
     logger = logging.getLogger("ease_jax.sweep")
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # libraries that configure the root logger would print twice
     logger.handlers.clear()
     fh = logging.FileHandler(path)
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
