@@ -19,9 +19,10 @@ M, D = 3, 4
 # Bins: 0 (y <= -0.1), 1 (-0.1 < y <= 0.1), 2 (y > 0.1); three rows in bin 0, two in 1, three in 2.
 LABELS = np.array([-2.0, 0.05, 1.5, -0.1, 0.1, 3.0, -0.7, 0.2], np.float32)
 BINS = np.array([0, 1, 2, 0, 1, 2, 0, 2])
+N = len(LABELS)
 
 
-def _features(seed, b=len(LABELS), m=M, d=D):
+def _features(seed, b=N, m=M, d=D):
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((m, b, d)) * rng.uniform(0.5, 2.0, (m, 1, d))
             + rng.standard_normal((m, 1, d))).astype(np.float32)

@@ -388,7 +388,7 @@ def test_hyper_modality_layer_shape_and_reference():
     chex.assert_shape(got, DIMS["BKD"])
     chex.assert_shape(params["to_q"]["kernel"], (128, 8 * 16))
     p = _np(params)
-    f64 = lambda a: a.astype(np.float64)  # noqa: E731
+    f64 = lambda a: a.astype(np.float64)
     lang_n = ref_layernorm(f64(lang), p["norm_lang"])
     audio_n = ref_layernorm(f64(audio), p["norm_audio"])
     vision_n = ref_layernorm(f64(vision), p["norm_vision"])

@@ -6,6 +6,7 @@ Shape and count checks use `jax.eval_shape` (nothing is allocated or compiled); 
 checks run a deliberately tiny EASE (d = 16, 2 tokens, depth-1 encoders and fusion) under `jit`.
 """
 
+import functools
 import math
 
 import chex
@@ -21,12 +22,14 @@ from ease_jax.models.ease import FusionHead, view_keep_flags
 
 # Audio / vision feature widths of the MMSA files (PROTOCOL.md section 1).
 FEATURE_DIMS = {"mosi": (5, 20), "mosei": (74, 35), "sims": (33, 709)}
-SHORT = dict(text_encoder="features", text_len=6, audio_len=7, vision_len=9, text_dim=16)
+SHORT = {"text_encoder": "features", "text_len": 6, "audio_len": 7, "vision_len": 9,
+         "text_dim": 16}
 
 # A tiny EASE / LNLN for behavioural tests (real computation, compiled once each).
-TINY = dict(text_encoder="features", text_len=4, text_dim=6, audio_len=5, audio_dim=5,
-            vision_len=6, vision_dim=7, dim=16, heads=2, dim_head=8, mlp_dim=16, tokens=2,
-            encoder_depth=1, fusion_depth=1, cross_depth=1, hyper_layers=1, hyper_dim_head=8)
+TINY = {"text_encoder": "features", "text_len": 4, "text_dim": 6, "audio_len": 5,
+        "audio_dim": 5, "vision_len": 6, "vision_dim": 7, "dim": 16, "heads": 2, "dim_head": 8,
+        "mlp_dim": 16, "tokens": 2, "encoder_depth": 1, "fusion_depth": 1, "cross_depth": 1,
+        "hyper_layers": 1, "hyper_dim_head": 8}
 
 EASE_EVAL_KEYS = {"pred", "tokens", "imp_mean", "imp_var", "imp_sample", "uncertainty", "gate",
                   "fused"}
@@ -107,24 +110,33 @@ def make_batch(cfg, batch, seed, drop=0.4, full_drop=None):
 # --------------------------------------------------------------------------------------------
 
 
+# (text_dim, L, D_a, T_a, D_v, T_v), PROTOCOL.md section 1; text_dim 768 = BERT features.
+DATA_DIMS = {"mosi": (768, 50, 5, 375, 20, 500), "mosei": (768, 50, 74, 500, 35, 500),
+             "sims": (768, 39, 33, 400, 709, 55)}
+
+
+@functools.cache
+def _abstract_model(model, dataset):
+    """(train outputs, params, eval outputs) as shapes for `model` at the full dimensions of
+    `dataset` in features mode (B = 2): traced once, shared by the shape and count tests."""
+    cfg = model_config(model, dataset, text_encoder="features")
+    train, params = _init_with_train_output(cfg, 2)
+    x = dummy_inputs(cfg, 2)
+    evaluation = jax.eval_shape(lambda p: build_model(cfg).apply({"params": p}, x), params)
+    return train, params, evaluation
+
+
 @pytest.mark.parametrize("dataset", ["mosi", "mosei", "sims"])
 @pytest.mark.parametrize("model", ["ease", "lnln"])
 def test_output_shapes(model, dataset):
-    cfg = model_config(model, dataset, **SHORT)
-    d_a, d_v = FEATURE_DIMS[dataset]
-    assert (cfg.audio_dim, cfg.vision_dim) == (d_a, d_v)
+    text_dim, text_len, d_a, t_a, d_v, t_v = DATA_DIMS[dataset]
+    assert (d_a, d_v) == FEATURE_DIMS[dataset]
     dims = chex.Dimensions(B=2, K=8, D=128, V=2, M=3, C=2, P=2)
-    train, params = _init_with_train_output(cfg, dims.B)
+    train, params, evaluation = _abstract_model(model, dataset)
     enc = params["encoder"]
-    chex.assert_shape(enc["text"]["proj"]["kernel"], (16, 128))
-    chex.assert_shape(enc["audio"]["proj"]["kernel"], (d_a, 128))
-    chex.assert_shape(enc["vision"]["proj"]["kernel"], (d_v, 128))
-    for m, t in (("text", 6), ("audio", 7), ("vision", 9)):  # T + 8 tokens
-        chex.assert_shape(enc[m]["transformer"]["pos_embedding"], (t + 8, 128))
-
-    model_ = build_model(cfg)
-    x = dummy_inputs(cfg, dims.B)
-    evaluation = jax.eval_shape(lambda p: model_.apply({"params": p}, x), params)
+    for m, d, t in (("text", text_dim, text_len), ("audio", d_a, t_a), ("vision", d_v, t_v)):
+        chex.assert_shape(enc[m]["proj"]["kernel"], (d, 128))
+        chex.assert_shape(enc[m]["transformer"]["pos_embedding"], (t + 8, 128))  # T + 8 tokens
 
     if model == "ease":
         assert set(train) == EASE_TRAIN_KEYS and set(evaluation) == EASE_EVAL_KEYS
@@ -145,13 +157,32 @@ def test_output_shapes(model, dataset):
         depth = 2 if dataset == "mosi" else 4  # cross Transformer depth (section 8)
         assert {k for k in params["cross"] if k.startswith("attn_")} == {
             f"attn_{i}" for i in range(depth)}
-        if dataset == "mosi":  # LNLN draws no random numbers: training needs no rng
-            jax.eval_shape(lambda p: model_.apply({"params": p}, x, x, train=True), params)
     chex.assert_shape(train["pred"], dims["B"])
     chex.assert_shape(train["clean_tokens"], dims["MBKD"])
     chex.assert_shape(evaluation["pred"], dims["B"])
     for out in (train, evaluation):
         assert all(v.dtype in (jnp.float32, jnp.bool_) for v in out.values())
+
+
+@pytest.mark.parametrize("model", ["ease", "lnln"])
+def test_initial_learnable_tokens(model):
+    """Sections 6.4 and 8: EASE's CLS token and LNLN's extra tokens start at 0, LNLN's proxy and
+    hyper tokens at 1. Only these leaves of `init_params` are returned, so XLA drops the rest of
+    the initialisation and the compilation stays small."""
+    cfg = model_config(model, "mosi", **TINY)
+    if model == "ease":
+        pick = lambda p: {"cls": p["fusion"]["cls_token"],
+                          "enc": p["encoder"]["audio"]["transformer"]["extra_tokens"],
+                          "gate": p["gate_1"]["transformer"]["extra_tokens"]}
+        want = {"cls": 0.0, "enc": 0.0, "gate": 0.0}
+    else:
+        pick = lambda p: {"proxy": p["proxy_tokens"], "hyper": p["hyper_tokens"],
+                          "cross": p["cross"]["extra_token"],
+                          "generator": p["proxy_generator"]["extra_tokens"]}
+        want = {"proxy": 1.0, "hyper": 1.0, "cross": 0.0, "generator": 0.0}
+    got = jax.jit(lambda k: pick(init_params(cfg, k)), compiler_options=FAST)(jax.random.key(0))
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
 
 
 def test_dummy_inputs_layout():
@@ -206,11 +237,6 @@ def _lnln_by_hand(dims, cross_depth):
             + 128 + 1)  # regressor
 
 
-# (text_dim, L, D_a, T_a, D_v, T_v), PROTOCOL.md section 1; text_dim 768 = BERT features.
-DATA_DIMS = {"mosi": (768, 50, 5, 375, 20, 500), "mosei": (768, 50, 74, 500, 35, 500),
-             "sims": (768, 39, 33, 400, 709, 55)}
-
-
 def test_parameter_counts_features_mode_mosi():
     ease = count_parameters("ease", "mosi", text_encoder="features")
     lnln = count_parameters("lnln", "mosi", text_encoder="features")
@@ -218,12 +244,16 @@ def test_parameter_counts_features_mode_mosi():
     assert lnln == {"total": 6_483_012, "bert": 0, "non_bert": 6_483_012}
     assert _ease_by_hand(DATA_DIMS["mosi"]) == 6_982_020
     assert _lnln_by_hand(DATA_DIMS["mosi"], cross_depth=2) == 6_483_012
+    assert _count(_abstract_model("ease", "mosi")[1]) == 6_982_020
+    assert _count(_abstract_model("lnln", "mosi")[1]) == 6_483_012
 
 
 def test_parameter_counts_mosei_and_sims():
+    """Features mode = the non-BERT parameters; summed over the same `init_params` shapes that
+    `count_parameters` sums (checked against it at MOSI above), traced once for the shape tests."""
     spec = {("ease", "mosei"): 7.01e6, ("ease", "sims"): 7.02e6,
             ("lnln", "mosei"): 7.10e6, ("lnln", "sims"): 7.11e6}
-    counts = {key: count_parameters(*key, text_encoder="features")["non_bert"] for key in spec}
+    counts = {key: _count(_abstract_model(*key)[1]) for key in spec}
     print("non-BERT parameter counts: " + ", ".join(
         f"{m.upper()} {d.upper()} {n:,}" for (m, d), n in counts.items()))
     for (model, dataset), n in counts.items():
@@ -249,14 +279,12 @@ def test_parameter_counts_bert_mode():
 
 def test_without_ucmi_removes_imputer_gate_and_outputs():
     cfg = model_config("ease", "mosi", text_encoder="features", use_ucmi=False)
-    params = _param_shapes(cfg)
-    assert set(params) == {"encoder", "fusion"}
-    assert _count(params) == _ease_by_hand(DATA_DIMS["mosi"], use_ucmi=False) == 3_193_089
-    small = model_config("ease", "mosi", **SHORT, use_ucmi=False)
-    x = dummy_inputs(small)
-    model = build_model(small)
+    x = dummy_inputs(cfg)
+    model = build_model(cfg)
     rngs = {"params": jax.random.key(0), "views": jax.random.key(1)}  # no "noise": no sampling
     out, variables = jax.eval_shape(lambda: model.init_with_output(rngs, x, x, train=True))
+    assert set(variables["params"]) == {"encoder", "fusion"}
+    assert _count(variables) == _ease_by_hand(DATA_DIMS["mosi"], use_ucmi=False) == 3_193_089
     assert set(out) == {"pred", "tokens", "clean_tokens", "view_preds", "view_keep"}
     assert set(jax.eval_shape(lambda p: model.apply(p, x), variables)) == {"pred", "tokens"}
 
@@ -285,7 +313,7 @@ def test_view_keep_flags_statistics():
     assert kept.min() >= 1  # every row keeps at least one modality
     # P(keep m) = 1/2 + P(none) / 3 = 1/2 + 1/24; P(all three) = 1/8; P(exactly one) = 3/8 + 1/8.
     n = n_views * batch
-    tol = lambda p: 4.5 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    tol = lambda p: 4.5 * math.sqrt(p * (1 - p) / n)
     for m in range(3):
         assert abs(keep[..., m].mean() - 13 / 24) < tol(13 / 24), m
     assert abs((kept == 3).mean() - 1 / 8) < tol(1 / 8)
@@ -316,7 +344,7 @@ def tiny_ease():
 
 @pytest.fixture(scope="module")
 def train_apply(tiny_ease):
-    cfg, model, params = tiny_ease
+    model = tiny_ease[1]
 
     @jax.jit(compiler_options=FAST)
     def run(params, inputs, clean, k_noise, k_views):
@@ -326,26 +354,37 @@ def train_apply(tiny_ease):
     return run
 
 
-def test_ease_eval_is_deterministic_needs_no_rng_and_compiles_once(tiny_ease):
-    cfg, model, params = tiny_ease
+@pytest.fixture(scope="module")
+def eval_apply(tiny_ease):
+    """Evaluation of the tiny EASE as configured (deterministic: no rng passed) and with
+    `sample_at_eval=True` (rng passed), in one compiled function that may trace only once."""
+    cfg, model, _ = tiny_ease
+    sampling = build_model(replace(cfg, sample_at_eval=True))
 
     @jax.jit(compiler_options=FAST)
     @chex.assert_max_traces(n=1)
-    def evaluate(params, inputs):
-        return model.apply({"params": params}, inputs)  # no rngs: none may be needed
+    def evaluate(params, inputs, key):
+        return (model.apply({"params": params}, inputs),  # no rngs: none may be needed
+                sampling.apply({"params": params}, inputs, rngs={"noise": key}))
 
+    return evaluate
+
+
+def test_ease_eval_is_deterministic_needs_no_rng_and_compiles_once(tiny_ease, eval_apply):
+    cfg, _, params = tiny_ease
     inputs, _ = make_batch(cfg, 3, seed=0)
-    first, second = evaluate(params, inputs), evaluate(params, inputs)
-    for key in EASE_EVAL_KEYS:
-        np.testing.assert_array_equal(np.asarray(first[key]), np.asarray(second[key]))
+    key = jax.random.key(0)
+    first, second = eval_apply(params, inputs, key)[0], eval_apply(params, inputs, key)[0]
+    for k in EASE_EVAL_KEYS:
+        np.testing.assert_array_equal(np.asarray(first[k]), np.asarray(second[k]))
     np.testing.assert_array_equal(np.asarray(first["imp_sample"]), np.asarray(first["imp_mean"]))
     assert np.isfinite(np.asarray(first["pred"])).all()
     preds = [first["pred"]]
     for seed in (1, 2):  # new data, same shapes: no retrace
-        preds.append(evaluate(params, make_batch(cfg, 3, seed=seed)[0])["pred"])
+        preds.append(eval_apply(params, make_batch(cfg, 3, seed=seed)[0], key)[0]["pred"])
     assert not np.allclose(np.asarray(preds[0]), np.asarray(preds[1]))
     with pytest.raises(AssertionError):  # a new shape would retrace: the guard is live
-        evaluate(params, make_batch(cfg, 5, seed=3)[0])
+        eval_apply(params, make_batch(cfg, 5, seed=3)[0], key)
 
 
 def test_ease_train_sampling_depends_on_noise_rng(tiny_ease, train_apply):
@@ -358,7 +397,7 @@ def test_ease_train_sampling_depends_on_noise_rng(tiny_ease, train_apply):
     new_views = train_apply(params, inputs, clean, keys[0], keys[2])
     for key in EASE_TRAIN_KEYS:
         np.testing.assert_array_equal(np.asarray(base[key]), np.asarray(again[key]))
-    a = lambda out, k: np.asarray(out[k])  # noqa: E731
+    a = lambda out, k: np.asarray(out[k])
     assert not np.allclose(a(base, "imp_sample"), a(new_noise, "imp_sample"))
     assert not np.allclose(a(base, "pred"), a(new_noise, "pred"))
     np.testing.assert_array_equal(a(base, "imp_mean"), a(new_noise, "imp_mean"))
@@ -421,17 +460,18 @@ def test_ease_views_zero_the_dropped_modalities(tiny_ease, train_apply):
                            np.broadcast_to(np.asarray(out["pred"]), view_preds.shape)[dropped])
 
 
-def test_sample_at_eval_makes_evaluation_random(tiny_ease):
+def test_sample_at_eval_makes_evaluation_random(tiny_ease, eval_apply):
     cfg, _, params = tiny_ease
-    model = build_model(replace(cfg, sample_at_eval=True))
-    evaluate = jax.jit(lambda p, x, key: model.apply({"params": p}, x, rngs={"noise": key}),
-                       compiler_options=FAST)
     inputs, _ = make_batch(cfg, 3, seed=7)
-    a, b = evaluate(params, inputs, jax.random.key(0)), evaluate(params, inputs, jax.random.key(1))
-    again = evaluate(params, inputs, jax.random.key(0))
+    (plain, a), (_, b) = (eval_apply(params, inputs, jax.random.key(s)) for s in (0, 1))
+    again = eval_apply(params, inputs, jax.random.key(0))[1]
     np.testing.assert_array_equal(np.asarray(a["pred"]), np.asarray(again["pred"]))
     assert not np.allclose(np.asarray(a["pred"]), np.asarray(b["pred"]))
     assert not np.allclose(np.asarray(a["imp_sample"]), np.asarray(a["imp_mean"]))
+    # Sampling moves the imputation only: the Gaussian itself is the deterministic one.
+    np.testing.assert_allclose(np.asarray(a["imp_mean"]), np.asarray(plain["imp_mean"]),
+                               rtol=1e-6, atol=1e-6)
     assert "view_preds" not in a  # views are a training-only device
+    sampling = build_model(replace(cfg, sample_at_eval=True))
     with pytest.raises(flax.errors.InvalidRngError):
-        jax.eval_shape(lambda p: model.apply({"params": p}, inputs), params)
+        jax.eval_shape(lambda p: sampling.apply({"params": p}, inputs), params)

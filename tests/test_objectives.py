@@ -22,14 +22,15 @@ from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, we
 # Cheaper XLA compilation for these small CPU programs (the result is the same computation).
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-TINY = dict(text_encoder="features", text_len=4, text_dim=6, audio_len=5, audio_dim=5,
-            vision_len=6, vision_dim=7, dim=16, heads=2, dim_head=8, mlp_dim=16, tokens=2,
-            encoder_depth=1, fusion_depth=1, cross_depth=1, hyper_layers=1, hyper_dim_head=8)
+TINY = {"text_encoder": "features", "text_len": 4, "text_dim": 6, "audio_len": 5,
+        "audio_dim": 5, "vision_len": 6, "vision_dim": 7, "dim": 16, "heads": 2, "dim_head": 8,
+        "mlp_dim": 16, "tokens": 2, "encoder_depth": 1, "fusion_depth": 1, "cross_depth": 1,
+        "hyper_layers": 1, "hyper_dim_head": 8}
 B = 4
 LABELS = np.array([-1.2, 0.05, 0.8, 2.0], np.float32)  # bins 0, 1, 2, 2
 
-CODE = dict(sp=1.0, ucmi=0.5, uada=0.2, anchor=0.005, cons=2.0, asym=2.0)
-PAPER = dict(sp=1.0, ucmi=0.5, uada=0.2, anchor=0.004, cons=0.5, asym=0.5)
+CODE = {"sp": 1.0, "ucmi": 0.5, "uada": 0.2, "anchor": 0.005, "cons": 2.0, "asym": 2.0}
+PAPER = {"sp": 1.0, "ucmi": 0.5, "uada": 0.2, "anchor": 0.004, "cons": 0.5, "asym": 0.5}
 
 # Batch axis of every model output (for slicing off padding rows).
 BATCH_AXIS = {"pred": 0, "completeness": 0, "dominant": 0, "view_preds": 1, "view_keep": 1,
@@ -76,7 +77,7 @@ def make_batch(cfg, seed, drop=0.4):
 
 def _group_norms(grads, groups):
     """{group: L2 norm of the gradient over the parameters whose top-level name starts with it}."""
-    return {g: math.sqrt(sum(float(jnp.sum(jnp.square(v))) for k, sub in grads.items()
+    return {g: math.sqrt(sum(float(np.sum(np.square(v))) for k, sub in grads.items()
                              if k.startswith(g) for v in jax.tree_util.tree_leaves(sub)))
             for g in groups}
 
@@ -115,8 +116,35 @@ def ease_run():
         return jnp.stack([terms[n] for n in order]), out
 
     jac, outputs = jax.jit(jax.jacrev(terms_vector, has_aux=True), compiler_options=FAST)(params)
+    jac = jax.device_get(jac)  # NumPy from here on (no per-shape eager dispatch)
     grads = {n: jax.tree_util.tree_map(lambda g, i=i: g[i], jac) for i, n in enumerate(order)}
-    return dict(cfg=cfg, params=params, batch=batch, outputs=outputs, grads=grads)
+    return {"cfg": cfg, "params": params, "batch": batch, "outputs": outputs, "grads": grads}
+
+
+# LNLN parameter groups for the gradient-reversal check: behind the GRL (the proxy generator and
+# its tokens) and a control group downstream of h_d without reversal.
+# The completeness check reaches h_d through w (and L_cc), also without reversal: this catches a
+# GRL applied to the whole mix h_d instead of to h_p.
+REVERSED = lambda name: name.startswith("proxy_")
+CONTROL = lambda name: name in ("regressor", "cross", "language")
+GATE = lambda name: name == "completeness"
+FD_EPS = 1e-2
+
+
+def _unit_direction(grads, rows, select):
+    """NumPy: sum over `rows` of the unit gradient of that term restricted to the top-level
+    parameters `select` picks (zero elsewhere), normalised. Along it every chosen term has a
+    clearly non-zero derivative."""
+    chosen = {k for k in grads[rows[0]] if select(k)}
+    total = None
+    for row in rows:
+        part = {k: jax.tree_util.tree_map(lambda g, keep=float(k in chosen): g * keep, v)
+                for k, v in grads[row].items()}
+        norm = math.sqrt(sum(float(np.sum(g**2)) for g in jax.tree_util.tree_leaves(part)))
+        part = jax.tree_util.tree_map(lambda g, n=norm: g / n, part)
+        total = part if total is None else jax.tree_util.tree_map(np.add, total, part)
+    norm = math.sqrt(sum(float(np.sum(g**2)) for g in jax.tree_util.tree_leaves(total)))
+    return jax.tree_util.tree_map(lambda g: g / norm, total)
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +159,30 @@ def lnln_run():
     def terms_vector(params):
         out = model.apply({"params": params}, inputs, clean, train=True)
         _, terms, _ = lnln_loss(out, batch, None, LossConfig.preset("code"))
-        vector = jnp.stack([terms[n] for n in order])
+        return jnp.stack([terms[n] for n in order]), out
+
+    def with_values(params):
+        vector, out = terms_vector(params)
         return vector, (vector, out)
 
-    jac_fn = jax.jit(jax.jacrev(terms_vector, has_aux=True), compiler_options=FAST)
+    jac_fn = jax.jit(jax.jacrev(with_values, has_aux=True), compiler_options=FAST)
     jac, (_, outputs) = jac_fn(params)
+    jac = jax.device_get(jac)  # NumPy from here on (no per-shape eager dispatch)
     grads = {n: jax.tree_util.tree_map(lambda g, i=i: g[i], jac) for i, n in enumerate(order)}
-    # The objective's values at other parameters, from the same compiled function.
-    forward = lambda p: np.asarray(jac_fn(p)[1][0], np.float64)  # noqa: E731
-    return dict(cfg=cfg, params=params, batch=batch, outputs=outputs, grads=grads,
-                forward=forward, order=order)
+    # Central finite differences of the FORWARD pass, where the GRL is the identity (the values
+    # come from the same compiled function; a separate forward would cost a compilation).
+    forward = lambda p: jac_fn(p)[1][0]
+    leaves = jax.tree_util.tree_leaves
+    directional = {}
+    for name, select in (("reversed", REVERSED), ("control", CONTROL), ("gate", GATE)):
+        d = _unit_direction(grads, ("sp", "total"), select)
+        plus, minus = (np.asarray(forward(jax.tree_util.tree_map(
+            lambda p, x, s=s: p + s * FD_EPS * x, params, d)), np.float64) for s in (1.0, -1.0))
+        autodiff = {row: sum(float(np.sum(g * x)) for g, x in zip(leaves(grads[row]), leaves(d)))
+                    for row in order}
+        directional[name] = (autodiff, dict(zip(order, (plus - minus) / (2 * FD_EPS))))
+    return {"cfg": cfg, "params": params, "batch": batch, "outputs": outputs, "grads": grads,
+            "directional": directional}
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,8 +417,8 @@ def test_ease_anchor_statistics_receive_no_gradient(ease_run):
 # LNLN
 # --------------------------------------------------------------------------------------------
 
-LNLN_WEIGHTS = {"mosi": dict(sp=1.0, cc=0.9, adv=0.8, rec=0.1),
-                "sims": dict(sp=1.0, cc=0.9, adv=0.6, rec=0.1)}
+LNLN_WEIGHTS = {"mosi": {"sp": 1.0, "cc": 0.9, "adv": 0.8, "rec": 0.1},
+                "sims": {"sp": 1.0, "cc": 0.9, "adv": 0.6, "rec": 0.1}}
 
 
 @pytest.mark.parametrize("dataset", ["mosi", "sims"])
@@ -413,6 +455,11 @@ def test_lnln_terms_match_numpy(lnln_run):
     assert got["adv"] == pytest.approx(ce.mean(), rel=1e-5)
     rec = np.mean((_f64(out["reconstruction"]) - _f64(out["clean_tokens"])) ** 2)
     assert got["rec"] == pytest.approx(rec, rel=1e-5)
+    # The clean targets are not detached (section 8): d L_rec / d c = -2 (rec - c) / N.
+    d_clean = jax.grad(lambda c: lnln_loss({**out, "clean_tokens": c}, lnln_run["batch"])[1]["rec"])(
+        out["clean_tokens"])
+    diff = _f64(out["reconstruction"]) - _f64(out["clean_tokens"])
+    np.testing.assert_allclose(np.asarray(d_clean), -2.0 * diff / diff.size, rtol=1e-4, atol=1e-9)
 
 
 def test_lnln_zero_weight_padding_leaves_every_term_unchanged(lnln_run):
@@ -447,42 +494,14 @@ def test_lnln_gradients_finite_and_reach(lnln_run):
     assert norms["sp"]["proxy_"] > 0 and norms["adv"]["proxy_"] > 0
 
 
-def _directional(lnln_run, select):
-    """Autodiff and central finite-difference derivatives of every term along one unit direction
-    in the parameters that `select` picks by top-level name: the sum of the unit gradients of
-    L_sp and of the total restricted to them (both derivatives are then clearly non-zero)."""
-    params, grads = lnln_run["params"], lnln_run["grads"]
-
-    def restricted_unit(grad):
-        part = {k: jax.tree_util.tree_map(lambda g, keep=select(k): g * keep, v)
-                for k, v in grad.items()}
-        norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(part)))
-        assert norm > 0
-        return jax.tree_util.tree_map(lambda g: g / norm, part)
-
-    direction = jax.tree_util.tree_map(jnp.add, restricted_unit(grads["sp"]),
-                                       restricted_unit(grads["total"]))
-    leaves = jax.tree_util.tree_leaves
-    autodiff = np.array([sum(float(jnp.sum(g * d)) for g, d in zip(leaves(grads[row]),
-                                                                    leaves(direction)))
-                         for row in lnln_run["order"]])
-    eps = 1e-2
-    plus, minus = (lnln_run["forward"](jax.tree_util.tree_map(lambda p, d: p + s * eps * d,
-                                                               params, direction))
-                   for s in (1.0, -1.0))
-    return dict(zip(lnln_run["order"], autodiff)), dict(zip(lnln_run["order"],
-                                                            (plus - minus) / (2 * eps)))
-
-
 def test_lnln_gradient_reversal_flips_the_proxy_generator_gradient(lnln_run):
     """Forward, the GRL is the identity, so finite differences give the derivative WITHOUT the
     reversal. The gradient that L_sp (and the total) hands the proxy generator and its tokens must
-    be its negative, while the groups downstream of h_d get the ordinary gradient."""
-    ad, fd = _directional(lnln_run, lambda k: k.startswith("proxy_"))
-    for row in ("sp", "total"):
-        assert ad[row] > 0.05, (row, ad[row])  # a clear signal
-        assert fd[row] == pytest.approx(-ad[row], rel=0.05), (row, ad[row], fd[row])
-    ad, fd = _directional(lnln_run, lambda k: k in ("regressor", "cross", "language"))
-    for row in ("sp", "total"):
-        assert ad[row] > 0.05, (row, ad[row])
-        assert fd[row] == pytest.approx(ad[row], rel=0.05), (row, ad[row], fd[row])
+    be its negative, while the groups downstream of h_d (and the completeness check, which mixes
+    h_l into h_d) get the ordinary gradient."""
+    for group, sign in (("reversed", -1.0), ("control", 1.0), ("gate", 1.0)):
+        autodiff, finite_diff = lnln_run["directional"][group]
+        for row in ("sp", "total"):
+            assert autodiff[row] > 0.05, (group, row, autodiff[row])  # a clear signal
+            assert finite_diff[row] == pytest.approx(sign * autodiff[row], rel=0.05), (
+                group, row, autodiff[row], finite_diff[row])
