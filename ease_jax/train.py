@@ -156,8 +156,12 @@ class ParallelStep:
 
     def put_state(self, state):
         if self.mode == "pmap":
+            # Place the stacked copies with the sharding pmap's outputs carry: handing pmap host
+            # arrays first and device arrays later would compile the step twice.
             host = jax.device_get(state)
-            return jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (self.n, *np.shape(x))), host)
+            sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), P(AXIS))
+            return jax.tree_util.tree_map(
+                lambda x: jax.device_put(np.broadcast_to(x, (self.n, *np.shape(x))), sharding), host)
         return jax.device_put(state, self._replicated)
 
     def get_state(self, state):

@@ -1,0 +1,471 @@
+"""`python -m experiments.benchmark --help`: speed and memory of EASE / LNLN at full MOSI shapes.
+
+For every (model, text encoder) pair this measures, on the default JAX backend:
+
+* compile s: the first call of the project's real train step (`ParallelStep(make_train_step(...))`,
+  pmap or shard_map over all local devices), blocked; it includes one step's execution, which is
+  also subtracted out in the JSON (`compile_s_est`);
+* steps/s and samples/s: the median of `--steps` timed steps after `--warmup` untimed ones, each
+  blocked with `jax.block_until_ready`; host batches are passed as the fit loop passes them, so
+  the host-to-device copy of the batch is part of the step;
+* s/epoch: a MOSI epoch is 1284 training samples = 21 steps of 64 (the last one padded), so
+  21 x the median step (evaluation excluded);
+* eval samples/s: the jitted evaluation forward pass (`make_predict_fn`, masks at r = 0.5) on
+  batches of `--eval-batch-size` (256, as `Evaluator`), median of timed calls;
+* peak memory: `memory_stats()["peak_bytes_in_use"]` of device 0 where the backend reports it,
+  else the worker process's max RSS (`resource.getrusage`), labelled as such.
+
+Data are synthetic MOSI (`ease_jax.data.synthetic`) with the real sequence lengths and widths
+(L = 50, T_a x D_a = 375 x 5, T_v x D_v = 500 x 20, text features 768); BERT mode uses a randomly
+initialised bert-base-uncased (speed does not depend on the weights; `--init shapes`, the default,
+fills the parameter tree from `jax.eval_shape` instead of compiling `init_params`). Every
+configuration runs in its own worker process (unless `--no-isolate`), so compile caches and peak
+memory do not leak from one configuration to the next. In pmap mode the state is committed to the
+devices before the first call; otherwise JAX 0.10 compiles the step a second time on the second
+call (host inputs first, committed pmap outputs after).
+
+Writes a Markdown table to stdout and JSON (settings, jax version, device kind, one row per
+configuration; rewritten after every configuration) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MOSI_TRAIN = 1284  # training samples of MOSI (PROTOCOL.md section 1)
+DATASET = "mosi"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description="Compile time, training steps/s, s per MOSI epoch, evaluation samples/s and "
+                    "peak memory of EASE / LNLN at full MOSI shapes (synthetic data).")
+    p.add_argument("--models", default="ease,lnln", help="comma-separated: ease,lnln")
+    p.add_argument("--text-encoders", default="features,bert",
+                   help="comma-separated: bert (random bert-base-uncased, fine-tuned) and/or "
+                        "features (precomputed 768-d text features)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per configuration (default 20; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps after the first (compiling) call (default 3; 1 with --quick)")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="timed evaluation batches (default 10; 3 with --quick)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
+    p.add_argument("--eval-batch-size", type=int, default=256,
+                   help="evaluation batch (default 256, as ease_jax.evaluate.Evaluator)")
+    p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
+    p.add_argument("--init", choices=("shapes", "flax"), default="shapes",
+                   help="parameters: 'shapes' = eval_shape + direct fill (fast; speed does not "
+                        "depend on the values), 'flax' = jax.jit(init_params) (slow to compile)")
+    p.add_argument("--out", default="runs/benchmark.json", help="JSON output path")
+    p.add_argument("--quick", action="store_true", help="few steps (3 timed, 1 warm-up)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds allowed per configuration (worker process); none by default")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every configuration in this process (peak memory then accumulates)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "model:encoder"
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.eval_steps = args.eval_steps if args.eval_steps is not None else (3 if args.quick else 10)
+    args.model_list = _choices(args.models, ("ease", "lnln"), "--models")
+    args.encoder_list = _choices(args.text_encoders, ("bert", "features"), "--text-encoders")
+    if args.steps < 1 or args.warmup < 0 or args.eval_steps < 1 or args.batch_size < 1:
+        p.error("--steps, --eval-steps and --batch-size must be >= 1, --warmup >= 0")
+    return args
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{flag}: expected a comma-separated subset of {allowed}, got {text!r}")
+    return items
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One configuration (runs inside a worker process unless --no-isolate).
+
+
+def _train_arrays(split, text_encoder: str) -> dict:
+    """The host arrays the train step reads, as the fit loop passes them."""
+    arrays = split.arrays()
+    keys = ["text_ids", "text_mask", "text_types", "audio", "vision", "audio_lengths",
+            "vision_lengths", "labels"]
+    if text_encoder == "features":
+        keys.append("text_features")
+    return {k: arrays[k] for k in keys}
+
+
+def _eval_arrays(split, text_encoder: str) -> dict:
+    """The host arrays `Evaluator` hands to the predict function."""
+    arrays = split.arrays()
+    keys = ["audio", "vision", "audio_lengths", "vision_lengths", "text_ids", "text_mask",
+            "text_types"]
+    if text_encoder == "features":
+        keys.append("text_features")
+    return {k: arrays[k] for k in keys}
+
+
+def make_params(mcfg, how: str):
+    """Parameters of the model `mcfg` describes.
+
+    "flax": `jax.jit(init_params)`, the library's own initialisation; this compiles the whole
+    forward pass and costs about as much as compiling the train step (45-100 s on an H100).
+    "shapes": the parameter shapes from `jax.eval_shape(init_params)` (tracing only), filled
+    directly: LayerNorm scales 1, biases 0, everything else N(0, 0.02) -- the same tree, shapes and
+    dtypes, so the step's speed is the same, at a fraction of the set-up time.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ease_jax.models import init_params
+
+    key = jax.random.key(0)
+    if how == "flax":
+        return jax.jit(lambda k: init_params(mcfg, k))(key)
+    shapes = jax.eval_shape(lambda k: init_params(mcfg, k), key)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+    rng = np.random.default_rng(0)  # host-side: no per-shape kernels to compile
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
+
+    leaves = [jnp.asarray(fill(path, leaf)) for path, leaf in paths]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _peak_memory() -> dict:
+    import jax
+
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except (RuntimeError, NotImplementedError, AttributeError):  # some backends raise
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_kind": "device peak",
+                "bytes_limit": stats.get("bytes_limit")}
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return {"peak_bytes": int(rss_bytes), "peak_kind": "process max RSS", "bytes_limit": None}
+
+
+def run_config(model: str, text_encoder: str, args) -> dict:
+    """Measure one (model, text encoder) pair; returns one JSON row."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ease_jax.config import LossConfig, TrainConfig, model_config
+    from ease_jax.data.missing import eval_keep_masks
+    from ease_jax.data.mmsa import from_raw
+    from ease_jax.data.synthetic import synthetic
+    from ease_jax.evaluate import make_predict_fn
+    from ease_jax.train import (
+        ParallelStep,
+        create_state,
+        global_batch_size,
+        make_train_step,
+        pad_batch,
+        steps_per_epoch,
+    )
+
+    tag = f"{model}/{text_encoder}"
+    t_start = time.perf_counter()
+    mcfg = model_config(model, DATASET, text_encoder=text_encoder)
+    loss_cfg = LossConfig.preset("code", DATASET)
+    tcfg = TrainConfig(batch_size=args.batch_size)
+    spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)
+
+    par = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe), args.parallel)
+    gbs = global_batch_size(args.batch_size, par.n)
+    n_batches = 2  # alternate between two distinct batches
+    raw = synthetic(DATASET, seed=0, n_train=n_batches * args.batch_size, n_valid=8,
+                    n_test=args.eval_batch_size)
+    data = from_raw(raw, source="synthetic:mosi(seed=0)")
+    dims = data.dims
+    assert (dims["L"], dims["T_a"], dims["D_a"], dims["T_v"], dims["D_v"], dims["D_t"]) == (
+        mcfg.text_len, mcfg.audio_len, mcfg.audio_dim, mcfg.vision_len, mcfg.vision_dim,
+        mcfg.text_dim), f"synthetic MOSI dims {dims} differ from the model config"
+
+    _log(f"{tag}: initialising parameters ({par.n} {jax.devices()[0].platform} device(s), "
+         f"{args.parallel})")
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(make_params(mcfg, args.init))
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    state = create_state(mcfg, tcfg, 1111, spe, params=params)
+    del params
+    dev_state = par.put_state(state)
+    if args.parallel == "pmap":
+        # Commit the stacked state to the devices as pmap's outputs are committed: with uncommitted
+        # (host) inputs, JAX 0.10's pmap compiles the step a second time on its second call.
+        mesh = Mesh(np.array(par.devices), ("data",))
+        dev_state = jax.device_put(dev_state, NamedSharding(mesh, P("data")))
+    dev_state = jax.block_until_ready(dev_state)
+    del state
+    init_s = time.perf_counter() - t0
+    _log(f"{tag}: {n_params:,} parameters, init {init_s:.1f}s; compiling the train step")
+
+    arrays = _train_arrays(data.train, text_encoder)
+    batches = []
+    for i in range(n_batches):
+        sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
+        batches.append(pad_batch({k: v[sl] for k, v in arrays.items()}, gbs))
+    base_key = jax.random.key(1111)
+
+    def one_step(i: int):
+        nonlocal dev_state
+        rng = jax.random.key_data(jax.random.fold_in(base_key, i))
+        dev_state, metrics = par(dev_state, par.put_batch(batches[i % n_batches]), rng)
+        return jax.block_until_ready((dev_state, metrics))
+
+    t0 = time.perf_counter()
+    _, metrics = one_step(0)
+    first_call_s = time.perf_counter() - t0
+    loss0 = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
+    _log(f"{tag}: first call (compile + 1 step) {first_call_s:.1f}s, loss {loss0:.4f}; "
+         f"{args.warmup} warm-up + {args.steps} timed steps")
+    warmup_times = []
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
+        one_step(1 + i)
+        warmup_times.append(time.perf_counter() - t0)
+    if warmup_times:
+        _log(f"{tag}: warm-up steps {', '.join(f'{t:.3f}s' for t in warmup_times)}")
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        _, metrics = one_step(1 + args.warmup + i)
+        times.append(time.perf_counter() - t0)
+        if len(times) == 1 or time.perf_counter() - t_start > 60:
+            _log(f"{tag}: step {i + 1}/{args.steps} {times[-1]:.3f}s")
+    step_s = statistics.median(times)
+    loss_last = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
+
+    # Evaluation forward pass (the jitted function `Evaluator` uses), masks at r = 0.5.
+    _log(f"{tag}: median step {step_s:.4f}s; compiling the evaluation forward pass")
+    predict = make_predict_fn(mcfg)
+    params = par.get_state(dev_state).params
+    ebatch = _eval_arrays(data.test, text_encoder)
+    keep = eval_keep_masks(data.test, 0.5)
+    eval_key = jax.random.key(0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(predict(params, ebatch, keep, eval_key))
+    eval_first_s = time.perf_counter() - t0
+    eval_times = []
+    for i in range(args.eval_steps + 1):  # first of these is a warm-up
+        t0 = time.perf_counter()
+        jax.block_until_ready(predict(params, ebatch, keep, jax.random.fold_in(eval_key, i)))
+        if i:
+            eval_times.append(time.perf_counter() - t0)
+    eval_s = statistics.median(eval_times)
+    mem = _peak_memory()
+    row = {
+        "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
+        "n_devices": par.n, "batch_size": args.batch_size, "global_batch": gbs,
+        "eval_batch_size": args.eval_batch_size, "n_params": n_params,
+        "init_s": init_s, "compile_s": first_call_s,
+        "compile_s_est": max(first_call_s - step_s, 0.0),
+        "step_s_median": step_s, "step_s_mean": statistics.fmean(times),
+        "step_s_min": min(times), "step_s_max": max(times), "step_times": times,
+        "warmup_times": warmup_times,
+        "steps_per_s": 1.0 / step_s, "samples_per_s": args.batch_size / step_s,
+        "steps_per_epoch": spe, "epoch_s": spe * step_s,
+        "eval_compile_s": eval_first_s, "eval_batch_s_median": eval_s,
+        "eval_samples_per_s": args.eval_batch_size / eval_s,
+        "loss_first": loss0, "loss_last": loss_last,
+        **mem, "wall_s": time.perf_counter() - t_start, "error": None,
+    }
+    _log(f"{tag}: done in {row['wall_s']:.0f}s: {row['steps_per_s']:.3f} steps/s, "
+         f"{row['epoch_s']:.2f} s/epoch, eval {row['eval_samples_per_s']:.1f} samples/s, "
+         f"{_fmt_mem(row)}")
+    return row
+
+
+def _worker(args) -> None:
+    model, text_encoder = args.worker.split(":")
+    row = run_config(model, text_encoder, args)
+    Path(args.worker_out).write_text(json.dumps(row))
+
+
+def _run_isolated(model: str, text_encoder: str, args) -> dict:
+    """Run one configuration in a fresh Python process and read back its row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "experiments.benchmark", "--worker",
+               f"{model}:{text_encoder}", "--worker-out", str(out),
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
+               "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
+               "--init", args.init]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, check=False, timeout=args.timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {args.timeout:.0f}s"
+        if out.is_file():
+            return json.loads(out.read_text())
+        return _failed_row(model, text_encoder, args,
+                           f"worker failed ({code}) after {time.perf_counter() - t0:.0f}s")
+
+
+def _failed_row(model, text_encoder, args, error: str) -> dict:
+    return {"model": model, "text_encoder": text_encoder, "parallel": args.parallel,
+            "batch_size": args.batch_size, "error": error}
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment, table, main.
+
+
+def environment() -> dict:
+    import jax
+    import jaxlib
+
+    dev = jax.devices()[0]
+    env = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
+           "platform": dev.platform, "device_kind": dev.device_kind,
+           "n_devices": jax.local_device_count(), "host_cpus": os.cpu_count(),
+           "host": platform.node()}
+    try:
+        env["platform_version"] = dev.client.platform_version
+    except AttributeError:
+        env["platform_version"] = None
+    if dev.platform == "cpu":
+        env["cpu_model"] = _cpu_model()
+        env["load_average"] = os.getloadavg()
+    for name in ("flax", "optax"):
+        try:
+            env[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            env[name] = None
+    return env
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def device_name(env: dict) -> str:
+    if env["platform"] == "cpu":
+        return f"CPU {env.get('cpu_model') or ''} ({env['host_cpus']} cores)".replace("  ", " ")
+    return f"{env['device_kind']} x{env['n_devices']}"
+
+
+def _fmt_mem(row: dict) -> str:
+    if row.get("peak_bytes") is None:
+        return "n/a"
+    return f"{row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_kind']})"
+
+
+def table(rows: list[dict], env: dict) -> str:
+    head = ("| device | model | text encoder | compile s | steps/s | samples/s | s/epoch | "
+            "eval samples/s | peak memory |")
+    lines = [head, "|" + "---|" * 9]
+    dev = device_name(env)
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {dev} | {r['model']} | {r['text_encoder']} | "
+                         f"not measured: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['compile_s']:.1f} | "
+            f"{r['steps_per_s']:.3g} | {r['samples_per_s']:.1f} | {r['epoch_s']:.2f} | "
+            f"{r['eval_samples_per_s']:.1f} | {_fmt_mem(r)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return None
+    env = environment()
+    _log(f"jax {env['jax']} on {device_name(env)} ({env['platform_version']}); "
+         f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+         f"{args.parallel}")
+    if env["platform"] == "cpu":
+        _log(f"host load average {env['load_average']}")
+    configs = [(m, e) for m in args.model_list for e in args.encoder_list]
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> dict:  # after every configuration, so a run cut short keeps what it measured
+        result = _result(args, env, rows, time.perf_counter() - t0, len(configs))
+        out.write_text(json.dumps(result, indent=2))
+        return result
+
+    for i, (model, enc) in enumerate(configs, 1):
+        _log(f"[{i}/{len(configs)}] {model} / text encoder {enc}")
+        if args.no_isolate:
+            try:
+                row = run_config(model, enc, args)
+            except Exception as exc:  # noqa: BLE001 -- keep measuring the other configurations
+                row = _failed_row(model, enc, args, f"{type(exc).__name__}: {exc}")
+        else:
+            row = _run_isolated(model, enc, args)
+        rows.append(row)
+        if row.get("error"):
+            _log(f"[{i}/{len(configs)}] {model}/{enc} FAILED: {row['error']}")
+        result = write()
+    print(f"\njax {env['jax']}, {env['platform']} ({env['platform_version']}), "
+          f"device kind {env['device_kind']}; batch {args.batch_size}, median of {args.steps} "
+          f"steps; s/epoch = {math.ceil(MOSI_TRAIN / args.batch_size)} steps\n")
+    print(table(rows, env))
+    print(f"\nwrote {out}")
+    return result
+
+
+def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -> dict:
+    return {
+        "benchmark": "ease_jax train/eval speed at full MOSI shapes (synthetic data)",
+        "shapes": {"L": 50, "T_a": 375, "D_a": 5, "T_v": 500, "D_v": 20, "text_dim": 768,
+                   "mosi_train_samples": MOSI_TRAIN},
+        "settings": {"steps": args.steps, "warmup": args.warmup, "eval_steps": args.eval_steps,
+                     "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+                     "parallel": args.parallel, "isolated": not args.no_isolate,
+                     "init": args.init,
+                     "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},
+        "environment": env, "device": device_name(env), "total_s": total_s,
+        "complete": len(rows) == n_configs, "results": rows,
+    }
+
+
+if __name__ == "__main__":
+    main()
