@@ -80,6 +80,10 @@ class Transformer(nn.Module):
 
     `__call__(x [B, T, d]) -> [B, T + token_len, d]`, T <= num_frames. With `return_hidden`, returns
     the list [input (after tokens and positions), output of layer 1, ..., output of layer depth].
+    With `outputs = n`, returns only the first n rows [B, n, d]: the last layer then computes
+    queries, residuals and the feed-forward for those rows alone (keys and values still see every
+    row), which gives the same numbers as slicing the full output at a fraction of the cost
+    (a CLS read-out needs 1 of 25 rows of the fusion's last layer).
     """
 
     num_frames: int
@@ -90,6 +94,7 @@ class Transformer(nn.Module):
     dim_head: int = 64
     mlp_dim: int = 128
     return_hidden: bool = False
+    outputs: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array):
@@ -103,9 +108,13 @@ class Transformer(nn.Module):
             "pos_embedding", nn.initializers.normal(1.0), (self.num_frames + self.token_len, self.dim)
         )
         x = x + pos[None, : x.shape[1]].astype(x.dtype)
+        if self.outputs is not None and self.return_hidden:
+            raise ValueError("Transformer: `outputs` and `return_hidden` exclude each other")
         hidden = [x]
         for i in range(self.depth):
-            x = x + Attention(self.dim, self.heads, self.dim_head, name=f"attn_{i}")(x, x)
+            last = i == self.depth - 1
+            x_q = x[:, : self.outputs] if last and self.outputs is not None else x
+            x = x_q + Attention(self.dim, self.heads, self.dim_head, name=f"attn_{i}")(x_q, x)
             x = x + FeedForward(self.dim, self.mlp_dim, name=f"ff_{i}")(x)
             hidden.append(x)
         return hidden if self.return_hidden else x
@@ -163,11 +172,10 @@ class ModalityEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = Dense(self.dim, name="proj")(x)
-        h = Transformer(
+        return Transformer(
             self.num_frames, self.tokens, self.dim, self.depth, self.heads, self.dim_head,
-            self.mlp_dim, name="transformer",
+            self.mlp_dim, outputs=self.tokens, name="transformer",
         )(h)
-        return h[:, : self.tokens]
 
 
 class MLP(nn.Module):
@@ -215,7 +223,7 @@ class CompletenessGate(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         out = Transformer(
             self.tokens, 1, self.dim, self.depth, self.heads, self.dim_head, self.mlp_dim,
-            name="transformer",
+            outputs=1, name="transformer",
         )(h)[:, 0]
         logit = Dense(1, name="fc2")(nn.leaky_relu(Dense(64, name="fc1")(out), 0.1))
         return jax.nn.sigmoid(logit[:, 0])

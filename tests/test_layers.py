@@ -298,6 +298,23 @@ def test_transformer_shorter_input_uses_first_positions_and_longer_raises():
         _run(module, params, jnp.zeros((1, 7, 16)))
 
 
+@pytest.mark.parametrize("outputs", [1, 4])
+def test_transformer_outputs_equal_the_full_output_sliced(outputs):
+    """`outputs = n` prunes the last layer's queries; the float64 reference runs every row."""
+    d = chex.Dimensions(B=2, T=5, D=16, N=outputs)
+    x = _rand(21, *d["BTD"])
+    module = layers.Transformer(num_frames=5, token_len=2, dim=16, depth=2, heads=2, dim_head=8,
+                                mlp_dim=12, outputs=outputs)
+    params = _random_params(module, x, seed=22)
+    got = _run(module, params, x)
+    chex.assert_shape(got, d["BND"])
+    want = ref_transformer(_np(params), x.astype(np.float64), token_len=2, depth=2, heads=2)[-1]
+    np.testing.assert_allclose(np.asarray(got), want[:, :outputs], rtol=5e-5, atol=5e-5)
+    with pytest.raises(ValueError, match="exclude"):
+        layers.Transformer(5, 2, 16, 2, 2, 8, 12, return_hidden=True, outputs=1).init(
+            jax.random.key(0), x)
+
+
 def test_cross_transformer_shapes_and_reference():
     d = chex.Dimensions(B=2, S=4, T=5, U=6, D=16)  # U = T + 1 (the extra token)
     source, target = _rand(10, *d["BSD"]), _rand(11, *d["BTD"])

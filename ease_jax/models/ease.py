@@ -50,7 +50,7 @@ class FusionHead(nn.Module):
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, cfg.dim))
         x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, cfg.dim)), tokens], 1)
         x = Transformer(3 * cfg.tokens + 1, 0, cfg.dim, cfg.fusion_depth, cfg.heads, cfg.dim_head,
-                        cfg.mlp_dim, name="transformer")(x)
+                        cfg.mlp_dim, outputs=1, name="transformer")(x)
         return Dense(1, name="regressor")(x[:, 0])[:, 0]
 
 
@@ -71,7 +71,7 @@ class EASE(nn.Module):
             for m, (s1, s2) in enumerate(SOURCES):
                 ctx = jnp.concatenate([h[s1], h[s2]], 1)  # [B, 2K, d]
                 ctx = Transformer(2 * k, 0, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim,
-                                  name=f"imputer_{m}")(ctx)[:, :k]
+                                  outputs=k, name=f"imputer_{m}")(ctx)
                 mean, var = GaussianHead(d, name=f"gaussian_{m}")(ctx)
                 means.append(mean)
                 variances.append(var)

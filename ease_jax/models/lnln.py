@@ -41,7 +41,7 @@ class LNLN(nn.Module):
         w = CompletenessGate(k, depth=2, name="completeness", **tf)(h_l)  # [B]
         proxy = self.param("proxy_tokens", nn.initializers.ones, (k, d))
         proxy_in = jnp.concatenate([jnp.broadcast_to(proxy, (b, k, d)), h_a, h_v], 1)
-        h_p = Transformer(3 * k, k, depth=2, name="proxy_generator", **tf)(proxy_in)[:, :k]
+        h_p = Transformer(3 * k, k, depth=2, outputs=k, name="proxy_generator", **tf)(proxy_in)
         wb = w[:, None, None]
         h_d = (1.0 - wb) * gradient_reversal(h_p) + wb * h_l
 
