@@ -2,7 +2,7 @@
 
 A run directory holds `latest/` (the full TrainState plus a JSON record of the host-side run state:
 epoch, selection bests, results so far; written every epoch, one kept) and `best/` (the honest
-protocol's selected parameters). `restore_latest` lets an interrupted run continue exactly where
+protocol's selected parameters). `restore` lets an interrupted run continue exactly where
 it stopped: parameters, optimizer state, anchors, step and the record.
 """
 
@@ -17,7 +17,9 @@ import orbax.checkpoint as ocp
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+    # Keeping one checkpoint per directory is done by `save` itself: Orbax's max_to_keep keeps
+    # the highest steps, which would drop a re-run's lower step instead of the old one.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
@@ -28,12 +30,19 @@ def _host(tree: Any) -> Any:
 
 def save(directory: str | Path, step: int, state: Any, record: dict | None = None) -> None:
     """Save `state` (any pytree of arrays) and a JSON-able `record` under `directory` at `step`,
-    replacing the previous one."""
+    replacing what the directory held (also a checkpoint of the same step, as when a resumed
+    or repeated run redoes an epoch). The new checkpoint is complete before the old ones go,
+    except when it replaces the same step."""
     with _manager(Path(directory)) as mngr:
+        if step in mngr.all_steps():
+            mngr.delete(step)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_host(state)),
                                                 record=ocp.args.JsonSave(record or {})),
                   force=True)
         mngr.wait_until_finished()
+        for old in mngr.all_steps():
+            if old != step:
+                mngr.delete(old)
 
 
 def latest_step(directory: str | Path) -> int | None:

@@ -10,7 +10,7 @@ fixed-size batches (the last partial batch is padded and its padding dropped) an
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -177,12 +177,19 @@ def protocol_table(dataset: str, selected: dict, protocol: str) -> dict:
     """One seed's table under `protocol` ("paper" | "honest") from the full-protocol results of
     its selected checkpoints (`selected[criterion]`): {"per_rate": {rate: {metric: v}},
     "inter_modal": {...}, "burst": {...}}. Paper: metric k read from the checkpoint chosen by k
-    (F1 with its accuracy); honest: every metric from the one honest checkpoint."""
+    (F1 with its accuracy); honest: every metric from the one honest checkpoint. A criterion that
+    selected nothing (its metric never finite) contributes NaN."""
+    if not selected:
+        raise ValueError("protocol_table: no selected checkpoint (was any epoch trained?)")
+    template = next(iter(selected.values()))
+    nan_table = {section: {cond: {m: float("nan") for m in values} for cond, values in
+                           template.get(section, {}).items()}
+                 for section in ("per_rate", "inter_modal", "burst")}
     if protocol == "honest":
-        return selected["honest"]
+        return selected.get("honest", nan_table)
     out: dict = {}
     for crit, metrics in PAPER_SELECTION[dataset].items():
-        res = selected[f"paper:{crit}"]
+        res = selected.get(f"paper:{crit}", nan_table)
         for section in ("per_rate", "inter_modal", "burst"):
             for cond, values in res.get(section, {}).items():
                 row = out.setdefault(section, {}).setdefault(cond, {})

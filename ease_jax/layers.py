@@ -10,7 +10,7 @@ and positional tables at N(0, 1), as in LNLN's `basic_layers`.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,7 +33,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -
     """Scaled dot-product attention without mask: [B, Tq, H*E], [B, Tk, H*E] x2 -> [B, Tq, H*E]."""
     b, tq, inner = q.shape
     e = inner // heads
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, e)  # noqa: E731
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, e)
     logits = jnp.einsum("bqhe,bkhe->bhqk", split(q), split(k)) * (e**-0.5)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhe->bqhe", weights, split(v))

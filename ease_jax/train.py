@@ -14,14 +14,16 @@ a batch that does not divide by the device count costs nothing but the padding.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ease_jax.anchors import init_anchors
 from ease_jax.config import LossConfig, ModelConfig, TrainConfig
@@ -165,8 +167,12 @@ class ParallelStep:
         return jax.device_put(state, self._replicated)
 
     def get_state(self, state):
+        """One copy of the state: pmap mode fetches device 0's shard of every leaf to the host in
+        one transfer (indexing `x[0]` leaf by leaf would dispatch one gather per leaf)."""
         if self.mode == "pmap":
-            return jax.tree_util.tree_map(lambda x: x[0], state)
+            shards = jax.device_get(
+                jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, state))
+            return jax.tree_util.tree_map(lambda x: x[0], shards)
         return state
 
     def put_batch(self, batch: dict) -> dict:
@@ -239,8 +245,8 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
     Returns {"selected": {criterion: protocol results}, "selection": {...}, "history": [...],
     "seconds": {...}}. With `resume`, continues from `out_dir/latest` if it exists.
     """
-    from pathlib import Path
     import time
+    from pathlib import Path
 
     from tqdm.auto import tqdm
 
@@ -263,6 +269,9 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
         selector.load_state_dict(record["selection"])
         log(f"seed {seed}: resumed after epoch {record['epoch'] + 1} from {out_dir / 'latest'}")
     selected_dir = out_dir / "selected"
+    if not resume and selected_dir.exists():  # a fresh run must not pick up an older run's epochs
+        log(f"seed {seed}: starting afresh; replacing the checkpoints in {out_dir}")
+        _prune_selected(selected_dir, set())
     valid_eval = Evaluator(mcfg, data.valid, run.dataset)
     test_eval = Evaluator(mcfg, data.test, run.dataset)
     dev_state = par.put_state(state)
@@ -288,7 +297,7 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
         improved = selector.update(epoch, valid, test)
         if improved:  # keep this epoch's parameters until no criterion selects it any more
             checkpoint.save(selected_dir / f"epoch_{epoch}", epoch, params_now, {"epoch": epoch})
-            _prune_selected(selected_dir, set(selector.epoch.values()))
+            _prune_selected(selected_dir, set(selector.epoch.values()) - {None})
         t2 = time.perf_counter()
         train_loss = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
         summary = {"epoch": epoch + 1, "train": train_loss, "valid": valid, "test": test,
@@ -308,7 +317,9 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
     t0 = time.perf_counter()
     final = par.get_state(dev_state)
     record["selected"] = {}
-    for epoch in sorted(set(selector.epoch.values())):
+    # A criterion whose metric was never finite (e.g. Corr of a constant predictor) selected no
+    # epoch; its metrics read NaN in the paper table (`protocol_table`).
+    for epoch in sorted({e for e in selector.epoch.values() if e is not None}):
         params_sel, _ = checkpoint.restore(selected_dir / f"epoch_{epoch}", final.params)
         full = test_eval.protocol(params_sel, burst_rates=burst_rates)
         for c, e in selector.epoch.items():

@@ -112,7 +112,7 @@ def load_data(args, dataset: str, log):
 
 
 def build_run(args, dataset: str, data, is_synthetic: bool):
-    from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+    from ease_jax.config import LossConfig, TrainConfig, model_config
 
     dims = data.dims
     text_encoder = args.text_encoder or ("features" if is_synthetic else "bert")

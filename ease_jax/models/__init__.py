@@ -9,7 +9,7 @@ from ease_jax.config import ModelConfig, model_config
 from ease_jax.models.ease import EASE
 from ease_jax.models.lnln import LNLN
 
-__all__ = ["EASE", "LNLN", "build_model", "dummy_inputs", "init_params", "count_parameters"]
+__all__ = ["EASE", "LNLN", "build_model", "count_parameters", "dummy_inputs", "init_params"]
 
 
 def build_model(cfg: ModelConfig):

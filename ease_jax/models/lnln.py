@@ -12,7 +12,6 @@ Transformer) -> regressor.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ease_jax.config import ModelConfig

@@ -1,0 +1,456 @@
+"""Tests of the sweep CLI (`experiments.sweep`, behind `python -m experiments.mosi_sweep`):
+argument handling, the data fall-back, the run configuration, the report files, and end-to-end
+runs on a tiny MMSA pickle and on the real utterance-level MOSI in ../shared.
+
+The paper-size model compiles for minutes on a 2-core CPU, so the fast end-to-end runs swap in a
+TINY model (`build_run` wrapped) and share one compiled train / predict step between seeds
+(memoised `make_train_step` / `make_predict_fn`); the paper-size run is marked `slow`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+from ease_jax import evaluate as E
+from ease_jax import train as T
+from ease_jax.config import LossConfig, TrainConfig, replace
+from ease_jax.data.mmsa import load_mmsa
+from ease_jax.data.synthetic import synthetic
+from ease_jax.metrics import METRIC_KEYS, regression_metrics
+from experiments import sweep
+
+TINY = {
+    "dim": 16,
+    "heads": 2,
+    "dim_head": 8,
+    "mlp_dim": 16,
+    "tokens": 2,
+    "encoder_depth": 1,
+    "fusion_depth": 1,
+    "cross_depth": 1,
+    "hyper_layers": 1,
+    "hyper_dim_head": 4,
+}
+RATE_KEYS = [f"{0.1 * i:.1f}" for i in range(10)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The constant baseline has no correlation: metrics warns and reports NaN, as it should.
+pytestmark = pytest.mark.filterwarnings("ignore:Corr is NaN:RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_pickle(tmp_path_factory):
+    raw = synthetic(
+        "mosi", seed=0, n_train=16, n_valid=8, n_test=8, text_len=3, audio_len=3, vision_len=3
+    )
+    path = tmp_path_factory.mktemp("data") / "tiny_mosi.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_pickle):
+    return load_mmsa(tiny_pickle)
+
+
+def args_for(dataset="mosi", *argv):
+    return sweep.parse_args(dataset, list(argv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments, data, configuration
+
+
+def test_parse_args_defaults():
+    a = sweep.parse_args("mosi", [])
+    assert a.data == "data/MOSI/Processed/unaligned_50.pkl"
+    assert (a.model, a.batch_size, a.parallel, a.loss_preset) == ("ease", 64, "pmap", "code")
+    assert a.seeds is None and a.epochs is None and a.lr is None and a.text_encoder is None
+    assert not a.resume and not a.no_progress and not a.burst
+    assert sweep.parse_args("sims", []).data == "data/SIMS/Processed/unaligned_39.pkl"
+    with pytest.raises(SystemExit):
+        sweep.parse_args("mosi", ["--model", "transformer"])
+
+
+def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
+    logged = []
+    missing = tmp_path / "nowhere" / "unaligned_50.pkl"
+    data, is_synthetic = sweep.load_data(
+        argparse.Namespace(data=str(missing)), "mosi", logged.append
+    )
+    assert is_synthetic is True
+    assert len(logged) == 1 and logged[0].startswith("NOTE:")
+    assert str(missing) in logged[0] and "SYNTHETIC" in logged[0] and "--data" in logged[0]
+    assert data.source.startswith("synthetic:mosi")
+    assert (data.train.n, data.valid.n, data.test.n) == (
+        sweep.SYNTHETIC["n_train"],
+        sweep.SYNTHETIC["n_valid"],
+        sweep.SYNTHETIC["n_test"],
+    )
+    assert data.dims["L"] == sweep.SYNTHETIC["text_len"]
+
+
+def test_load_data_reads_an_existing_file(tiny_pickle):
+    logged = []
+    data, is_synthetic = sweep.load_data(
+        argparse.Namespace(data=str(tiny_pickle)), "mosi", logged.append
+    )
+    assert is_synthetic is False and logged == []
+    assert (data.train.n, data.valid.n, data.test.n) == (16, 8, 8)
+    assert data.sha256 is not None and len(data.sha256) == 64
+
+
+def test_build_run_real_data(tiny_data):
+    d = tiny_data.dims
+    mcfg, loss, tcfg = sweep.build_run(
+        args_for(
+            "mosi",
+            "--text-encoder",
+            "features",
+            "--epochs",
+            "2",
+            "--seeds",
+            "1111,1112",
+            "--batch-size",
+            "8",
+        ),
+        "mosi",
+        tiny_data,
+        False,
+    )
+    assert mcfg.text_encoder == "features"
+    assert (mcfg.text_len, mcfg.text_dim) == (d["L_f"], d["D_t"])
+    assert (mcfg.audio_len, mcfg.audio_dim, mcfg.vision_len, mcfg.vision_dim) == (
+        d["T_a"],
+        d["D_a"],
+        d["T_v"],
+        d["D_v"],
+    )
+    assert (mcfg.dim, mcfg.heads, mcfg.dim_head, mcfg.tokens) == (128, 8, 64, 8)  # the paper's
+    assert tcfg == TrainConfig(epochs=2, warmup_epochs=1, seeds=(1111, 1112), batch_size=8)
+    assert tcfg.learning_rate("ease") == 1e-5
+    assert loss == LossConfig.preset("code", "mosi")
+    # Default text encoder on real data: BERT over the token ids.
+    mcfg, _, tcfg = sweep.build_run(args_for("mosi"), "mosi", tiny_data, False)
+    assert mcfg.text_encoder == "bert" and mcfg.text_len == d["L"]
+    assert (tcfg.epochs, tcfg.warmup_epochs, tcfg.seeds, tcfg.batch_size) == (
+        200,
+        20,
+        (1111, 1112, 1113),
+        64,
+    )
+
+
+@pytest.mark.parametrize(
+    "epochs, warmup", [(1, 1), (2, 1), (19, 1), (50, 5), (200, 20), (1000, 20)]
+)
+def test_build_run_scales_the_warmup_with_epochs(tiny_data, epochs, warmup):
+    _, _, tcfg = sweep.build_run(
+        args_for("mosi", "--epochs", str(epochs)), "mosi", tiny_data, False
+    )
+    assert (tcfg.epochs, tcfg.warmup_epochs) == (epochs, warmup)
+
+
+def test_build_run_synthetic_defaults_and_overrides(tiny_data):
+    mcfg, loss, tcfg = sweep.build_run(
+        args_for("sims", "--lr", "3e-4", "--loss-preset", "paper", "--model", "lnln"),
+        "sims",
+        tiny_data,
+        True,
+    )
+    assert mcfg.model == "lnln" and mcfg.text_encoder == "features"  # synthetic: features
+    assert tcfg.lr == 3e-4 and tcfg.epochs == sweep.SYNTHETIC_TRAIN["epochs"]
+    assert tcfg.warmup_epochs == sweep.SYNTHETIC_TRAIN["warmup_epochs"]
+    assert tcfg.seeds == sweep.SYNTHETIC_TRAIN["seeds"]
+    assert loss == LossConfig.preset("paper", "sims") and loss.adv == 0.6
+
+
+def test_build_run_features_without_text_features_exits(tiny_data):
+    no_text = dataclasses.replace(
+        tiny_data, train=dataclasses.replace(tiny_data.train, text_features=None)
+    )
+    with pytest.raises(SystemExit, match="text"):
+        sweep.build_run(args_for("mosi", "--text-encoder", "features"), "mosi", no_text, False)
+
+
+def test_find_bert(tmp_path, monkeypatch):
+    assert sweep.find_bert("mosi", str(tmp_path / "mybert")) == tmp_path / "mybert"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit, match="--text-encoder features"):
+        sweep.find_bert("mosi", None)
+    snap = tmp_path / "hub" / "models--bert-base-chinese" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert sweep.find_bert("sims", None) == snap
+
+
+# ----------------------------------------------------------------------------------------------
+# Report files from hand-made results (no training)
+
+
+def fake_results(dataset, n_seeds=2):
+    keys = METRIC_KEYS[dataset]
+    rng = np.random.default_rng(4)
+    protocols = {}
+    for proto in ("paper", "honest"):
+        tables = [
+            {
+                "per_rate": {r: {m: float(rng.uniform(0.3, 0.9)) for m in keys} for r in RATE_KEYS},
+                "inter_modal": {
+                    s: {m: float(rng.uniform(0.3, 0.9)) for m in keys}
+                    for s in ("l", "a", "v", "la", "lv", "av")
+                },
+            }
+            for _ in range(n_seeds)
+        ]
+        protocols[proto] = E.aggregate(tables)
+    labels = rng.normal(size=40).astype(np.float32)
+    constant = regression_metrics(np.full(40, 0.2), labels, dataset)
+    return {
+        "dataset": dataset,
+        "data": {"source": "fake.pkl"},
+        "protocols": protocols,
+        "baselines": {"constant": dict(constant, value=0.2)},
+        "seeds": {str(s): {} for s in range(n_seeds)},
+    }
+
+
+def fmt(metric, mean, std):
+    if metric in ("MAE", "Corr"):
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+PAPER_LINES = {
+    "mosi": [
+        (
+            "| EASE (paper) | paper (test-selected) | 73.60 / 74.71 | 73.66 / 74.79 | 39.57 | "
+            "35.75 | 0.995 | 0.573 |"
+        ),
+        (
+            "| LNLN (paper) | paper (test-selected) | 70.94 / 72.55 | 71.25 / 72.73 | 38.27 | "
+            "34.26 | 1.046 | 0.527 |"
+        ),
+    ],
+    "sims": [
+        "| EASE (paper) | paper (test-selected) | 74.72 | 75.13 | 58.08 | 35.62 | 0.486 | 0.451 |",
+        "| LNLN (paper) | paper (test-selected) | 72.73 | 79.43 | 57.14 | 34.64 | 0.514 | 0.397 |",
+    ],
+}
+COLUMNS = {
+    "mosi": [
+        ("Has0_acc_2", "Non0_acc_2"),
+        ("Has0_F1_score", "Non0_F1_score"),
+        ("Mult_acc_5",),
+        ("Mult_acc_7",),
+        ("MAE",),
+        ("Corr",),
+    ],
+    "sims": [("Mult_acc_2",), ("F1_score",), ("Mult_acc_3",), ("Mult_acc_5",), ("MAE",), ("Corr",)],
+}
+
+
+@pytest.mark.parametrize("dataset", ["mosi", "sims"])
+def test_results_markdown_layout(dataset):
+    res = fake_results(dataset)
+    md = sweep.results_markdown(res, "ease", "real")
+    lines = md.splitlines()
+    assert lines[0] == f"# EASE on {dataset.upper()} (real data: fake.pkl)"
+    for line in PAPER_LINES[dataset]:
+        assert line in lines
+    for proto, desc in (("paper", "paper (test-selected)"), ("honest", "honest (valid MAE)")):
+        summary = res["protocols"][proto]["mean_over_rates"]
+        cells = [
+            " / ".join(fmt(m, summary[m]["mean"], summary[m]["std"]) for m in col)
+            for col in COLUMNS[dataset]
+        ]
+        assert f"| EASE (ours) | {desc} | " + " | ".join(cells) + " |" in lines
+        assert f"## Per missing rate, {proto} protocol" in lines
+        assert f"## Inter-modal (kept modalities), {proto} protocol" in lines
+    assert any(line.startswith("| constant (train median) | - |") for line in lines)
+    rate_rows = [line for line in lines if re.match(r"\| 0\.\d \|", line)]
+    assert len(rate_rows) == 20  # 10 rates x 2 protocols
+    assert "{l,a}" in md and "| mean |" in md
+
+
+@pytest.mark.parametrize("dataset", ["mosi", "sims"])
+def test_plot_curves_writes_a_png(tmp_path, dataset):
+    path = tmp_path / "curves.png"
+    sweep.plot_curves(fake_results(dataset), path, "synthetic")
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end runs
+
+
+def share_compilations(monkeypatch, tiny_model=True):
+    """One compiled train / predict step for every seed (same configs -> same function);
+    optionally the TINY model in place of the paper's dimensions. Only speed changes
+    (test_train.py checks the parallel wrappers themselves)."""
+    steps, predicts = {}, {}
+    make_step, make_predict, build_run = T.make_train_step, E.make_predict_fn, sweep.build_run
+
+    def memo_step(*args, **kwargs):
+        key = args + tuple(sorted(kwargs.items()))
+        if key not in steps:
+            steps[key] = make_step(*args, **kwargs)
+        return steps[key]
+
+    def memo_predict(cfg):
+        if cfg not in predicts:
+            predicts[cfg] = make_predict(cfg)
+        return predicts[cfg]
+
+    def tiny_build_run(*args, **kwargs):
+        mcfg, loss, tcfg = build_run(*args, **kwargs)
+        return replace(mcfg, **TINY), loss, tcfg
+
+    monkeypatch.setattr(T, "make_train_step", memo_step)
+    monkeypatch.setattr(E, "make_predict_fn", memo_predict)
+    if tiny_model:
+        monkeypatch.setattr(sweep, "build_run", tiny_build_run)
+    # Keep the run hermetic: no persistent XLA cache in the home directory.
+    monkeypatch.setenv("EASE_JAX_NO_COMPILATION_CACHE", "1")
+    return steps, predicts
+
+
+def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
+    keys = METRIC_KEYS[dataset]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"]["synthetic"] is synthetic_data
+    assert saved["dataset"] == dataset and set(saved["seeds"]) == {str(s) for s in seeds}
+    for proto in ("paper", "honest"):
+        agg = saved["protocols"][proto]
+        assert list(agg["per_rate"]) == RATE_KEYS
+        for r in RATE_KEYS:
+            assert set(agg["per_rate"][r]) == set(keys)
+            for m in keys:
+                assert set(agg["per_rate"][r][m]) == {"mean", "std"}
+        assert set(agg["mean_over_rates"]) == set(keys)
+        for m in keys:
+            v = agg["mean_over_rates"][m]
+            assert set(v) == {"mean", "std"}
+            per_rate = [agg["per_rate"][r][m]["mean"] for r in RATE_KEYS]
+            if np.all(np.isfinite(per_rate)):  # mean over seeds of the mean over rates
+                assert v["mean"] == pytest.approx(np.mean(per_rate), rel=1e-9, abs=1e-12)
+        assert set(agg["inter_modal"]) == {"l", "a", "v", "la", "lv", "av"}
+        for m in ("MAE", "Has0_acc_2"):
+            assert np.isfinite(agg["mean_over_rates"][m]["mean"])
+    assert set(saved["baselines"]["constant"]) == set(keys) | {"value"}
+    for s in seeds:
+        seed_out = saved["seeds"][str(s)]
+        assert len(seed_out["history"]) == epochs
+        assert set(seed_out["selected_epochs"]) == {"honest"} | {
+            f"paper:{c}" for c in E.PAPER_SELECTION[dataset]
+        }
+        assert all(1 <= e <= epochs for e in seed_out["selected_epochs"].values())
+    assert json.loads(json.dumps(results, default=str))["dataset"] == dataset
+    md = (out / "results.md").read_text()
+    assert "| EASE (paper) | paper (test-selected) |" in md
+    assert "| LNLN (paper) | paper (test-selected) |" in md
+    assert "| EASE (ours) | paper (test-selected) |" in md
+    assert "| EASE (ours) | honest (valid MAE) |" in md
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    log = (out / "run.log").read_text()
+    epoch_lines = re.findall(rf"seed (\d+) epoch (\d+)/{epochs} ", log)
+    assert sorted(epoch_lines) == sorted(
+        (str(s), str(e)) for s in seeds for e in range(1, epochs + 1)
+    )
+    assert "text encoder: precomputed text FEATURES" in log
+    assert ("synthetic;" if synthetic_data else "real;") in log
+    for s in seeds:  # the honest choice of every seed is kept under best/
+        assert (out / f"seed_{s}" / "best").is_dir()
+
+
+def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
+    steps, predicts = share_compilations(monkeypatch)
+    out = tmp_path / "out"
+    results = sweep.main(
+        "mosi",
+        argv=[
+            "--data",
+            str(tiny_pickle),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--text-encoder",
+            "features",
+            "--seeds",
+            "1111,1112",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
+    assert len(steps) == 1 and len(predicts) == 1  # both seeds shared one step / predict fn
+    assert results["config"]["model"]["dim"] == TINY["dim"]
+    assert results["data"]["sizes"] == [16, 8, 8]
+    median = float(np.median(load_mmsa(tiny_pickle).train.labels))
+    assert results["baselines"]["constant"]["value"] == median
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_paper_model(tiny_pickle, tmp_path, monkeypatch):
+    """The paper's dimensions (d = 128, 8 heads of 64, 8 tokens, depths 2 / 4) on tiny data."""
+    share_compilations(monkeypatch, tiny_model=False)
+    out = tmp_path / "out"
+    results = sweep.main(
+        "mosi",
+        argv=[
+            "--data",
+            str(tiny_pickle),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--text-encoder",
+            "features",
+            "--seeds",
+            "1111,1112",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
+    assert results["config"]["model"]["dim"] == 128
+    assert results["config"]["model"]["fusion_depth"] == 4
+
+
+def test_sweep_on_real_mosi_features(shared_mosi_path, tmp_path, monkeypatch):
+    """Real utterance-level MOSI (../shared), features mode, tiny model, 2 epochs, one seed."""
+    share_compilations(monkeypatch)
+    out = tmp_path / "out"
+    results = sweep.main(
+        "mosi",
+        argv=[
+            "--data",
+            str(shared_mosi_path),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--text-encoder",
+            "features",
+            "--seeds",
+            "1111",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    check_outputs(out, results, "mosi", (1111,), 2, synthetic_data=False)
+    assert results["data"]["sizes"] == [1209, 238, 752]
+    honest = results["protocols"]["honest"]["mean_over_rates"]
+    assert 0.3 < honest["MAE"]["mean"] < 3.0

@@ -1,0 +1,889 @@
+"""Tests of `ease_jax.train`: schedule, batching, the pmap / shard_map wrappers, global-batch
+normalisation under padding, the non-finite guard and the fit loop (resume equality).
+
+Compiling a train step costs minutes on a 2-core CPU, so every model here is TINY and the few
+compiled steps are shared:
+
+* one per-device EASE step (module fixture `tiny`) serves the pmap tests on 4 devices AND every
+  `fit_seed` run (pmap caches its compilation per step function; `fit_seed` gets the same function
+  through a memoising `make_train_step`);
+* `fit_seed` runs share one compiled predict function (memoising `make_predict_fn`);
+* the LNLN variants of the pmap == shard_map test are marked `slow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ease_jax import checkpoint
+from ease_jax import evaluate as E
+from ease_jax import train as T
+from ease_jax.anchors import init_anchors
+from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+from ease_jax.data.mmsa import from_raw
+from ease_jax.data.synthetic import synthetic
+from ease_jax.evaluate import PAPER_SELECTION, RATES
+from ease_jax.metrics import METRIC_KEYS
+from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, weighted_mean
+
+TINY = {
+    "dim": 16,
+    "heads": 2,
+    "dim_head": 8,
+    "mlp_dim": 16,
+    "tokens": 2,
+    "encoder_depth": 1,
+    "fusion_depth": 1,
+    "cross_depth": 1,
+    "hyper_layers": 1,
+    "hyper_dim_head": 4,
+}
+
+
+def tiny_data(n_train=24, n_valid=8, n_test=8):
+    raw = synthetic(
+        "mosi",
+        seed=0,
+        n_train=n_train,
+        n_valid=n_valid,
+        n_test=n_test,
+        text_len=3,
+        audio_len=3,
+        vision_len=3,
+    )
+    return from_raw(raw, source="synthetic:tiny")
+
+
+def tiny_model(model, data):
+    d = data.dims
+    return model_config(
+        model,
+        "mosi",
+        text_encoder="features",
+        text_len=d["L_f"],
+        text_dim=d["D_t"],
+        audio_len=d["T_a"],
+        audio_dim=d["D_a"],
+        vision_len=d["T_v"],
+        vision_dim=d["D_v"],
+        **TINY,
+    )
+
+
+def host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees_close(a, b, atol=0.0, rtol=0.0):
+    la, ta = jax.tree_util.tree_flatten(host(a))
+    lb, tb = jax.tree_util.tree_flatten(host(b))
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_allclose(x, y, atol=atol, rtol=rtol)
+
+
+def max_abs_diff(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree_util.tree_leaves(host(a)), jax.tree_util.tree_leaves(host(b)))
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Schedule, optimizer, batching (host only)
+
+
+@pytest.mark.parametrize(
+    "epoch, expected",
+    [
+        (0, 0.0),  # epoch 1 (0-based 0) runs at lr 0
+        (1, 1e-5 / 20),
+        (10, 0.5e-5),
+        (19, 0.95e-5),
+        (20, 1e-5),  # end of the warm-up: the base lr
+        (110, 0.5e-5),  # half-way through the 180 cosine epochs
+        (199, 0.5e-5 * (1 - math.cos(math.pi / 180))),  # last epoch: ~0 (7.6e-10)
+        (200, 0.0),
+        (250, 0.0),  # clipped after the end
+    ],
+)
+def test_epoch_lr_hand_values(epoch, expected):
+    lr = float(T.epoch_lr(epoch, 1e-5, 20, 200))
+    assert lr == pytest.approx(expected, rel=1e-5, abs=1e-12)  # float32: |error| ~ 1e-5 * 6e-8
+
+
+def test_epoch_lr_vectorised_and_monotone():
+    epochs = np.arange(200)
+    lr = np.asarray(T.epoch_lr(jnp.asarray(epochs), 1e-4, 20, 200))
+    assert lr.shape == (200,) and lr.dtype == np.float32
+    assert np.all(np.diff(lr[:21]) > 0)  # strictly rising warm-up, up to epoch 20
+    assert np.all(np.diff(lr[20:]) <= 0)  # cosine never rises
+    assert lr.max() == pytest.approx(1e-4, rel=1e-6) and int(np.argmax(lr)) == 20
+    # Without warm-up the first epoch already runs at the base lr.
+    assert float(T.epoch_lr(0, 1e-3, 0, 10)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_optimizer_is_adamw_stepped_per_epoch():
+    """lr 0 for every step of epoch 0 (no update at all, weight decay included), then AdamW with
+    epoch 1's lr: the same update as a constant-lr AdamW that saw the same gradient history."""
+    cfg = TrainConfig(lr=0.1, warmup_epochs=2, epochs=10, weight_decay=0.3)
+    spe = 2
+    tx = T.make_optimizer(cfg, "ease", spe)
+    lr1 = 0.1 * 1 / 2  # epoch 1 of a 2-epoch warm-up
+    ref = optax.adamw(lr1, weight_decay=0.3)
+    params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
+    grads = [{"w": jnp.array([0.1 * k, -0.2, 0.3]), "b": jnp.array(0.05 * k)} for k in range(1, 4)]
+    state, ref_state = tx.init(params), ref.init(params)
+    for k, g in enumerate(grads):
+        upd, state = tx.update(g, state, params)
+        ref_upd, ref_state = ref.update(g, ref_state, params)
+        if k < spe:
+            assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree_util.tree_leaves(upd))
+        else:
+            assert_trees_close(upd, ref_upd, rtol=1e-6, atol=1e-9)
+            assert float(jnp.max(jnp.abs(upd["w"]))) > 1e-3
+
+
+def test_tx_lr_matches_epoch_lr():
+    cfg = TrainConfig(lr=2e-3, warmup_epochs=3, epochs=12)
+    for step in (0, 4, 5, 9, 17, 35):
+        assert float(T.tx_lr(step, cfg, "ease", 5)) == pytest.approx(
+            float(T.epoch_lr(step // 5, 2e-3, 3, 12)), rel=1e-7, abs=0
+        )
+    # The model default lr is used without an explicit one.
+    assert float(T.tx_lr(20, TrainConfig(), "lnln", 1)) == pytest.approx(1e-4, rel=1e-6)
+    assert float(T.tx_lr(20, TrainConfig(), "ease", 1)) == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_pad_batch_adds_zero_rows_and_weight():
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(3, 2, 4)).astype(np.float32),
+        "ids": rng.integers(1, 9, size=(3, 5)).astype(np.int32),
+        "lengths": np.array([1, 2, 3], np.int64),
+    }
+    before = {k: v.copy() for k, v in batch.items()}
+    out = T.pad_batch(batch, 5)
+    assert set(out) == {"x", "ids", "lengths", "weight"}
+    for k, v in batch.items():
+        assert out[k].shape == (5, *v.shape[1:]) and out[k].dtype == v.dtype
+        np.testing.assert_array_equal(out[k][:3], v)
+        assert not np.any(out[k][3:])
+        np.testing.assert_array_equal(v, before[k])  # input untouched
+    assert out["weight"].dtype == np.float32
+    np.testing.assert_array_equal(out["weight"], [1, 1, 1, 0, 0])
+    full = T.pad_batch(batch, 3)
+    np.testing.assert_array_equal(full["weight"], [1, 1, 1])
+    np.testing.assert_array_equal(full["x"], batch["x"])
+    with pytest.raises(ValueError, match="exceeds"):
+        T.pad_batch(batch, 2)
+
+
+@pytest.mark.parametrize(
+    "bs, n, expected",
+    [(64, 4, 64), (6, 4, 8), (5, 2, 6), (1, 4, 4), (8, 1, 8), (7, 3, 9), (63, 8, 64)],
+)
+def test_global_batch_size(bs, n, expected):
+    assert T.global_batch_size(bs, n) == expected
+
+
+@pytest.mark.parametrize(
+    "n, bs, expected", [(24, 8, 3), (23, 8, 3), (25, 8, 4), (1, 64, 1), (1284, 64, 21)]
+)
+def test_steps_per_epoch(n, bs, expected):
+    assert T.steps_per_epoch(n, bs) == expected
+
+
+def test_epoch_batches_partition_and_determinism():
+    n, bs = 23, 8
+    arrays = {
+        "row": np.arange(n),
+        "ten": np.arange(n) * 10.0,
+        "feat": np.arange(n * 2).reshape(n, 2),
+    }
+
+    def rows(seed, epoch):
+        return [b["row"].tolist() for b in T.epoch_batches(arrays, bs, seed, epoch)]
+
+    batches = list(T.epoch_batches(arrays, bs, 1111, 0))
+    assert [len(b["row"]) for b in batches] == [8, 8, 7]  # last batch partial, kept
+    for b in batches:  # the arrays stay aligned row by row
+        np.testing.assert_array_equal(b["ten"], b["row"] * 10.0)
+        np.testing.assert_array_equal(b["feat"], arrays["feat"][b["row"]])
+    flat = sorted(r for b in rows(1111, 0) for r in b)
+    assert flat == list(range(n))  # every row exactly once
+    assert rows(1111, 0) == rows(1111, 0)  # deterministic in (seed, epoch)
+    assert rows(1111, 1) != rows(1111, 0)
+    assert rows(1112, 0) != rows(1111, 0)
+    assert rows(1111, 0) != [list(range(8)), list(range(8, 16)), list(range(16, 23))]
+
+
+def test_check_finite_names_the_step():
+    ok = {"total": 1.0, "sp": 0.5, "lr": 1e-3, "nonfinite": 0.0}
+    T._check_finite([ok, ok], 40)  # no error
+    bad = {"total": float("nan"), "sp": float("nan"), "ucmi": 0.3, "lr": 1e-3, "nonfinite": 1.0}
+    inf = {"total": float("inf"), "sp": 2.0, "lr": 1e-3, "nonfinite": 1.0}
+    with pytest.raises(T.NonFiniteLossError, match=r"non-finite loss at step 41") as err:
+        T._check_finite([ok, bad, inf], 40)
+    assert "sp" in str(err.value) and "ucmi" not in str(err.value)
+    assert isinstance(err.value, FloatingPointError)
+    with pytest.raises(T.NonFiniteLossError, match=r"step 7\b"):
+        T._check_finite([inf], 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. ParallelStep on a toy step (cheap compiles): numerics, placement, traces
+
+
+def toy_step(counter=None, lr=0.1):
+    """Weighted least squares with device-dependent noise in the target: checks the per-step
+    key (same on every device, each folds in its index) and the global-batch gradient."""
+
+    def step(state, batch, rng):
+        if counter is not None:
+            counter.append(1)
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), jax.lax.axis_index(T.AXIS))
+        target = batch["y"] + 0.1 * jax.random.uniform(key, batch["y"].shape)
+
+        def loss(w):
+            return weighted_mean((batch["x"] @ w - target) ** 2, batch["weight"], T.AXIS)
+
+        value, grad = jax.value_and_grad(loss)(state["w"])
+        grad, value = jax.lax.pmean(grad, T.AXIS), jax.lax.pmean(value, T.AXIS)
+        return {"w": state["w"] - lr * grad, "step": state["step"] + 1}, {"loss": value}
+
+    return step
+
+
+def toy_batches(n_real=6, steps=3):
+    rng = np.random.default_rng(5)
+    return [
+        {
+            "x": rng.normal(size=(n_real, 3)).astype(np.float32),
+            "y": rng.normal(size=(n_real,)).astype(np.float32),
+        }
+        for _ in range(steps)
+    ]
+
+
+def toy_reference(batches, n, lr=0.1):
+    """NumPy float64: the global weighted mean over the real rows, noise drawn per device."""
+    w = np.zeros(3)
+    losses = []
+    for i, b in enumerate(batches):
+        padded = T.pad_batch(b, T.global_batch_size(len(b["y"]), n))
+        rows = len(padded["y"]) // n
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))
+        noise = np.concatenate(
+            [
+                np.asarray(
+                    jax.random.uniform(
+                        jax.random.fold_in(jax.random.wrap_key_data(rng), d), (rows,)
+                    )
+                )
+                for d in range(n)
+            ]
+        )
+        x, wt = padded["x"].astype(np.float64), padded["weight"].astype(np.float64)
+        r = x @ w - (padded["y"] + 0.1 * noise)
+        losses.append(np.sum(wt * r**2) / np.sum(wt))
+        w = w - lr * 2 * (x.T @ (wt * r)) / np.sum(wt)
+    return w, losses
+
+
+def run_toy(par, batches):
+    state = par.put_state({"w": np.zeros(3, np.float32), "step": np.zeros((), np.int32)})
+    losses = []
+    for i, b in enumerate(batches):
+        gbs = T.global_batch_size(len(b["y"]), par.n)
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))
+        state, m = par(state, par.put_batch(T.pad_batch(b, gbs)), rng)
+        losses.append(float(par.metrics(m)["loss"]))
+    return host(par.get_state(state)), losses
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_toy_parallel_step_matches_global_reference(mode, n):
+    batches = toy_batches()
+    par = T.ParallelStep(toy_step(), mode, devices=jax.devices()[:n])
+    assert par.n == n
+    state, losses = run_toy(par, batches)
+    w_ref, loss_ref = toy_reference(batches, n)
+    np.testing.assert_allclose(state["w"], w_ref, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, loss_ref, rtol=2e-5)
+    assert int(state["step"]) == 3 and state["step"].dtype == np.int32
+
+
+def test_parallel_step_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="pmap"):
+        T.ParallelStep(toy_step(), "vmap")
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_put_state_get_state_round_trip(mode):
+    par = T.ParallelStep(toy_step(), mode, devices=jax.devices()[:2])
+    state = {
+        "w": np.array([1.5, -2.0], np.float32),
+        "step": np.array(7, np.int32),
+        "key": jax.random.key_data(jax.random.key(9)),
+    }
+    back = host(par.get_state(par.put_state(state)))
+    assert_trees_close(back, state)
+    batch = T.pad_batch({"x": np.arange(6, dtype=np.float32).reshape(3, 2)}, 4)
+    placed = par.put_batch(batch)
+    np.testing.assert_array_equal(np.asarray(placed["x"]).reshape(4, 2), batch["x"])
+    np.testing.assert_array_equal(np.asarray(placed["weight"]).reshape(4), batch["weight"])
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_toy_step_traced_once(mode):
+    """Three steps with different data: one trace (hence one compilation) of the step."""
+    chex.clear_trace_counter()
+    counter = []
+    step = chex.assert_max_traces(toy_step(counter), n=1)
+    par = T.ParallelStep(step, mode, devices=jax.devices()[:2])
+    state = par.put_state({"w": np.zeros(3, np.float32), "step": np.zeros((), np.int32)})
+    for i, b in enumerate(toy_batches(steps=3)):
+        rng = jax.random.key_data(jax.random.key(i))
+        state, _ = par(state, par.put_batch(T.pad_batch(b, 6)), rng)
+    jax.block_until_ready(state)
+    assert len(counter) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Global-batch normalisation under uneven padding (objectives called with axis_name)
+
+
+def _mesh(n):
+    return Mesh(np.array(jax.devices()[:n]), (T.AXIS,))
+
+
+WEIGHTS = {
+    "pad": np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32),  # 4 devices: the last has no real row
+    "random": np.array([0.3, 0.0, 1.7, 0.0, 0.0, 0.0, 2.5, 0.9], np.float32),
+}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_weighted_mean_is_global_under_pmap_and_shard_map(n, weights):
+    w = WEIGHTS[weights]
+    x = np.random.default_rng(1).normal(size=8).astype(np.float32) * 3
+    expected = np.sum(w.astype(np.float64) * x) / np.sum(w)
+    grad_expected = w / np.sum(w, dtype=np.float64)
+
+    def value_and_grad(x, w):
+        value, grad = jax.value_and_grad(weighted_mean)(x, w, T.AXIS)
+        return jax.lax.pmean(value, T.AXIS), grad
+
+    v_pmap, g_pmap = jax.pmap(value_and_grad, axis_name=T.AXIS, devices=jax.devices()[:n])(
+        x.reshape(n, -1), w.reshape(n, -1)
+    )
+    np.testing.assert_allclose(np.asarray(v_pmap), expected, rtol=1e-6)
+    # pmean of the per-device gradients = the gradient of the global objective.
+    np.testing.assert_allclose(
+        np.asarray(g_pmap).reshape(-1) / n, grad_expected, rtol=1e-6, atol=1e-8
+    )
+    sm = jax.jit(
+        jax.shard_map(
+            value_and_grad,
+            mesh=_mesh(n),
+            in_specs=(P(T.AXIS), P(T.AXIS)),
+            out_specs=(P(), P(T.AXIS)),
+            check_vma=False,
+        )
+    )
+    v_sm, g_sm = sm(x, w)
+    np.testing.assert_allclose(float(v_sm), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_sm) / n, grad_expected, rtol=1e-6, atol=1e-8)
+    # Without an axis: the plain weighted mean.
+    np.testing.assert_allclose(
+        float(weighted_mean(jnp.asarray(x), jnp.asarray(w))), expected, rtol=1e-6
+    )
+
+
+def fake_outputs(model, b, seed, k=2, d=8, views=2):
+    """Finite model outputs of the shapes `ease_loss` / `lnln_loss` read (batch axis noted)."""
+    rng = np.random.default_rng(seed)
+
+    def f(*shape, scale=1.0):
+        return (scale * rng.normal(size=shape)).astype(np.float32)
+
+    if model == "ease":
+        out = {
+            "pred": f(b, scale=1.5),
+            "clean_tokens": f(3, b, k, d),
+            "imp_mean": f(3, b, k, d),
+            "imp_var": np.exp(f(3, b, k, d, scale=0.3)),
+            "imp_sample": f(3, b, k, d),
+            "uncertainty": np.abs(f(3, b)) + 0.05,
+            "view_preds": f(views, b, scale=1.5),
+        }
+    else:
+        out = {
+            "pred": f(b, scale=1.5),
+            "completeness": f(b, scale=0.3),
+            "disc_logits": f(2, b, k, 2),
+            "reconstruction": f(3, b, k, d),
+            "clean_tokens": f(3, b, k, d),
+        }
+    labels = np.array([-2.4, 0.0, 1.2, -0.6, 0.1, 2.8, -0.1, 0.4, 1.0, -3.0])[:b]
+    labels = np.resize(labels, b).astype(np.float32)
+    batch = {"labels": labels, "missing_rate": rng.uniform(size=(b, 3)).astype(np.float32)}
+    return out, batch
+
+
+BATCH_AXIS = {
+    "pred": 0,
+    "completeness": 0,
+    "view_preds": 1,
+    "disc_logits": 1,
+    "clean_tokens": 1,
+    "imp_mean": 1,
+    "imp_var": 1,
+    "imp_sample": 1,
+    "uncertainty": 1,
+    "reconstruction": 1,
+}
+
+
+def _concat(a, b):
+    return {k: np.concatenate([a[k], b[k]], axis=BATCH_AXIS.get(k, 0)) for k in a}
+
+
+def _spec(k):
+    return P(*([None] * BATCH_AXIS[k]), T.AXIS)
+
+
+@pytest.mark.parametrize("model", ["ease", "lnln"])
+def test_objective_ignores_padding_and_device_count(model):
+    """6 real rows alone == the same rows plus 2 zero-weight garbage rows, unsplit and split over
+    2 or 4 devices (4: one device holds padding only): every term, the updated anchors, and the
+    gradient w.r.t. the model outputs (device gradients / n = the global gradient)."""
+    loss = ease_loss if model == "ease" else lnln_loss
+    names = EASE_TERMS if model == "ease" else LNLN_TERMS
+    cfg = LossConfig()
+    anchors = init_anchors(3, 8) if model == "ease" else None
+    out6, batch6 = fake_outputs(model, 6, seed=0)
+    out_pad, batch_pad = fake_outputs(model, 2, seed=1)
+    out8, batch8 = _concat(out6, out_pad), _concat(batch6, batch_pad)
+    batch8["weight"] = np.array([1] * 6 + [0] * 2, np.float32)
+
+    def total_terms_grad(o, b, a, axis_name=None):
+        def objective(o):
+            total, terms, new_anchors = loss(o, b, a, cfg, axis_name=axis_name)
+            return total, (terms, new_anchors)
+
+        grads, (terms, new_anchors) = jax.grad(objective, has_aux=True)(o)
+        if axis_name is not None:
+            terms = jax.lax.pmean(terms, axis_name)
+        return terms, new_anchors, grads
+
+    ref_terms, ref_anchors, ref_grads = jax.jit(total_terms_grad)(out6, batch6, anchors)
+    assert set(ref_terms) == set(names) | {"total"}
+    results = {"unsplit": jax.jit(total_terms_grad)(out8, batch8, anchors)}
+    for n in (2, 4):
+        in_specs = ({k: _spec(k) for k in out8}, P(T.AXIS), P())
+        out_specs = (P(), P(), {k: _spec(k) for k in out8})
+        fn = jax.shard_map(
+            lambda o, b, a: total_terms_grad(o, b, a, T.AXIS),
+            mesh=_mesh(n),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            check_vma=False,
+        )
+        terms, new_anchors, grads = jax.jit(fn)(out8, batch8, anchors)
+        results[f"{n} devices"] = (terms, new_anchors, {k: g / n for k, g in grads.items()})
+    for where, (terms, new_anchors, grads) in results.items():
+        for name in ref_terms:
+            np.testing.assert_allclose(
+                float(terms[name]),
+                float(ref_terms[name]),
+                rtol=2e-5,
+                atol=1e-6,
+                err_msg=f"{where}: term {name}",
+            )
+        if model == "ease":
+            assert_trees_close(new_anchors, ref_anchors, rtol=1e-5, atol=1e-6)
+        for k, g in grads.items():
+            g = np.asarray(g)
+            real = np.take(g, np.arange(6), axis=BATCH_AXIS[k])
+            pad = np.take(g, np.arange(6, 8), axis=BATCH_AXIS[k])
+            np.testing.assert_allclose(
+                real,
+                np.asarray(ref_grads[k]),
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=f"{where}: d total / d {k}",
+            )
+            assert not np.any(pad), f"{where}: padding rows get a gradient in {k}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The real EASE step (tiny model): pmap == shard_map, one trace, padding, non-finite flag
+
+
+def counted(fn):
+    """`fn` with a trace counter (the Python body only runs while JAX traces it)."""
+
+    def step(state, batch, rng):
+        step.traces += 1
+        return fn(state, batch, rng)
+
+    step.traces = 0
+    return step
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Tiny EASE on 24 / 8 / 8 synthetic rows; one train-config for the step tests and fit_seed
+    (lr > 0 from the first step: warm-up 0)."""
+    data = tiny_data()
+    mcfg = tiny_model("ease", data)
+    tcfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_epochs=0, seeds=(1111,))
+    run = RunConfig(dataset="mosi", model=mcfg, loss=LossConfig(), train=tcfg)
+    spe = T.steps_per_epoch(data.train.n, tcfg.batch_size)
+    base = T.make_train_step(mcfg, run.loss, tcfg, spe)
+    arrays = T._model_arrays(data.train, mcfg)
+    # 7 real rows padded to 8: on 4 devices the last one holds 1 real row and 1 padding row.
+    batches = [b for b in T.epoch_batches(arrays, 7, 0, 0)][:3]
+    return SimpleNamespace(
+        data=data,
+        mcfg=mcfg,
+        tcfg=tcfg,
+        run=run,
+        spe=spe,
+        arrays=arrays,
+        batches=batches,
+        state0=host(T.create_state(mcfg, tcfg, 0, spe)),
+        rngs=[jax.random.key_data(jax.random.fold_in(jax.random.key(7), i)) for i in range(3)],
+        # pmap caches its compilation per function: every pmap user (fit_seed included) shares
+        # `steps["pmap"]`; shard_map compiles per ParallelStep anyway.
+        steps={"pmap": counted(base), "shard_map": counted(base)},
+        step_key=(mcfg, run.loss, tcfg, spe),
+        predict_cache={},
+    )
+
+
+def run_steps(tiny, mode, n, batches=None, state=None, step=None):
+    par = T.ParallelStep(step or tiny.steps[mode], mode, devices=jax.devices()[:n])
+    st = par.put_state(tiny.state0 if state is None else state)
+    metrics = []
+    for b, rng in zip(batches or tiny.batches, tiny.rngs):
+        st, m = par(st, par.put_batch(T.pad_batch(b, T.global_batch_size(8, n))), rng)
+        metrics.append(par.metrics(m))
+    return host(par.get_state(st)), host(metrics)
+
+
+@pytest.fixture(scope="module")
+def ease_runs(tiny):
+    return {mode: run_steps(tiny, mode, 4) for mode in ("pmap", "shard_map")}
+
+
+def test_ease_step_pmap_equals_shard_map(tiny, ease_runs):
+    (s_p, m_p), (s_s, m_s) = ease_runs["pmap"], ease_runs["shard_map"]
+    assert int(s_p.step) == int(s_s.step) == 3
+    assert max_abs_diff(s_p.params, tiny.state0.params) > 1e-4  # lr > 0: parameters moved
+    assert_trees_close(s_p.params, s_s.params, atol=1e-5, rtol=1e-5)
+    assert_trees_close(s_p.opt_state, s_s.opt_state, atol=1e-5, rtol=1e-5)
+    assert_trees_close(s_p.anchors, s_s.anchors, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(s_p.rng, tiny.state0.rng)  # the base key never changes
+    for a, b in zip(m_p, m_s):
+        assert set(a) == set(EASE_TERMS) | {"total", "lr", "nonfinite"}
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert float(a["nonfinite"]) == 0.0
+        assert float(a["lr"]) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_ease_step_traced_once_per_mode(tiny, ease_runs):
+    """Three steps with different data: one trace of the per-device step per parallel mode."""
+    assert tiny.steps["pmap"].traces == 1
+    assert tiny.steps["shard_map"].traces == 1
+
+
+def test_padding_rows_do_not_change_the_update(tiny, ease_runs):
+    """Same 7 real rows; the padding row filled with large finite garbage instead of zeros:
+    parameters, optimizer state, anchors and metrics after 3 steps are unchanged."""
+    rng = np.random.default_rng(3)
+    garbage = []
+    for b in tiny.batches:
+        g = {k: v[:1].copy() for k, v in b.items()}
+        for k in ("audio", "vision", "text_features"):
+            g[k] = (5 * rng.normal(size=g[k].shape)).astype(g[k].dtype)
+        g["labels"] = np.array([2.9], np.float32)
+        g["audio_lengths"][:], g["vision_lengths"][:] = 1, 2
+        padded = T.pad_batch(b, 8)
+        for k, value in g.items():
+            padded[k][7:] = value
+        garbage.append(padded)
+    par = T.ParallelStep(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
+    st = par.put_state(tiny.state0)
+    metrics = []
+    for b, r in zip(garbage, tiny.rngs):
+        assert b["weight"][7] == 0
+        st, m = par(st, par.put_batch(b), r)
+        metrics.append(par.metrics(m))
+    state, metrics = host(par.get_state(st)), host(metrics)
+    ref_state, ref_metrics = ease_runs["pmap"]
+    assert_trees_close(state, ref_state, atol=1e-6, rtol=1e-6)
+    for a, b in zip(metrics, ref_metrics):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_step_flags_a_nan_label(tiny, ease_runs):
+    batch = {k: v.copy() for k, v in tiny.batches[0].items()}
+    batch["labels"][2] = np.nan
+    par = T.ParallelStep(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
+    st = par.put_state(tiny.state0)
+    _, m = par(st, par.put_batch(T.pad_batch(batch, 8)), tiny.rngs[0])
+    m = host(par.metrics(m))
+    assert float(m["nonfinite"]) == 1.0 and not np.isfinite(m["total"])
+    with pytest.raises(T.NonFiniteLossError, match="step 12"):
+        T._check_finite([m], 12)
+    assert tiny.steps["pmap"].traces == 1  # same shapes: no new compilation
+
+
+@pytest.mark.parametrize("model, n", [
+    ("ease", 2),
+    pytest.param("lnln", 2, marks=pytest.mark.slow),
+    pytest.param("lnln", 4, marks=pytest.mark.slow),
+])
+def test_step_pmap_equals_shard_map_on_n_devices(tiny, model, n):
+    mcfg = tiny.mcfg if model == "ease" else tiny_model("lnln", tiny.data)
+    tcfg = dataclasses.replace(tiny.tcfg, lr=1e-2)
+    base = T.make_train_step(mcfg, LossConfig(), tcfg, tiny.spe)
+    state0 = host(T.create_state(mcfg, tcfg, 0, tiny.spe))
+    local = SimpleNamespace(**{**vars(tiny), "state0": state0})
+    runs = {mode: run_steps(local, mode, n, step=counted(base)) for mode in ("pmap", "shard_map")}
+    (s_p, m_p), (s_s, m_s) = runs["pmap"], runs["shard_map"]
+    assert max_abs_diff(s_p.params, state0.params) > 1e-4
+    assert_trees_close(s_p.params, s_s.params, atol=1e-5, rtol=1e-5)
+    assert_trees_close(s_p.opt_state, s_s.opt_state, atol=1e-5, rtol=1e-5)
+    if model == "ease":
+        assert_trees_close(s_p.anchors, s_s.anchors, atol=1e-5, rtol=1e-5)
+    for a, b in zip(m_p, m_s):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The fit loop: resume equality, non-finite guard, re-runs
+
+
+def patch_fit(mp, tiny):
+    """Share compilations between fit_seed runs (same configs -> same step / predict function;
+    this only changes speed)."""
+    make_step, make_predict = T.make_train_step, E.make_predict_fn
+
+    def memo_step(mcfg, loss_cfg, train_cfg, spe, axis_name=T.AXIS):
+        if (mcfg, loss_cfg, train_cfg, spe) == tiny.step_key and axis_name == T.AXIS:
+            return tiny.steps["pmap"]
+        return make_step(mcfg, loss_cfg, train_cfg, spe, axis_name)
+
+    def memo_predict(cfg):
+        if cfg not in tiny.predict_cache:
+            tiny.predict_cache[cfg] = make_predict(cfg)
+        return tiny.predict_cache[cfg]
+
+    mp.setattr(T, "make_train_step", memo_step)
+    mp.setattr(E, "make_predict_fn", memo_predict)
+
+
+def fit(tiny, out_dir, data=None, resume=False, log=None):
+    lines = [] if log is None else log
+    rec = T.fit_seed(
+        tiny.run, data or tiny.data, 1111, out_dir, resume=resume, log=lines.append, progress=False
+    )
+    return rec, lines
+
+
+def nan_equal(a, b):
+    """Structural equality of JSON-like trees, NaN == NaN."""
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(nan_equal(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(nan_equal(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def strip_seconds(history):
+    return [{k: v for k, v in h.items() if not k.startswith("seconds")} for h in history]
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny, tmp_path_factory):
+    """Uninterrupted 3 epochs vs. interrupted right after the epoch-2 checkpoint + resume."""
+    root = tmp_path_factory.mktemp("fit")
+    with pytest.MonkeyPatch.context() as mp:
+        patch_fit(mp, tiny)
+        full, full_log = fit(tiny, root / "full")
+        save = checkpoint.save
+        saved = []
+
+        def save_then_interrupt(directory, step, state, record=None):
+            save(directory, step, state, record)
+            if directory.name == "latest":
+                saved.append(step)
+                if len(saved) == 2:
+                    raise Interrupt
+
+        mp.setattr(checkpoint, "save", save_then_interrupt)
+        with pytest.raises(Interrupt):
+            fit(tiny, root / "resumed")
+        mp.setattr(checkpoint, "save", save)
+        resumed, resumed_log = fit(tiny, root / "resumed", resume=True)
+    return SimpleNamespace(
+        root=root,
+        full=full,
+        full_log=full_log,
+        resumed=resumed,
+        resumed_log=resumed_log,
+        saved=saved,
+    )
+
+
+def test_fit_seed_record(tiny, resume_runs):
+    rec = resume_runs.full
+    assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
+    assert rec["epoch"] == 2
+    criteria = {"honest"} | {f"paper:{c}" for c in PAPER_SELECTION["mosi"]}
+    assert set(rec["selected"]) == criteria
+    for res in rec["selected"].values():
+        assert res["epoch"] in (0, 1, 2)
+        assert list(res["per_rate"]) == [f"{r:.1f}" for r in RATES]
+        assert set(res["inter_modal"]) == {"l", "a", "v", "la", "lv", "av"}
+        for metrics in res["per_rate"].values():
+            assert set(metrics) == set(METRIC_KEYS["mosi"])
+    for h in rec["history"]:
+        assert set(h["train"]) == set(EASE_TERMS) | {"total", "lr", "nonfinite"}
+        assert set(h["valid"]) == set(METRIC_KEYS["mosi"]) == set(h["test"])
+        assert h["train"]["nonfinite"] == 0.0
+    # Epoch 0 improves every criterion with a finite value (nothing selected before).
+    assert set(rec["history"][0]["improved"]) == {
+        c
+        for c in criteria
+        if np.isfinite(
+            (rec["history"][0]["valid"] if c == "honest" else rec["history"][0]["test"])[
+                "MAE" if c == "honest" else c[6:]
+            ]
+        )
+    }
+    # One summary line per epoch; the honest choice saved under best/; selected/ pruned.
+    epoch_lines = [l for l in resume_runs.full_log if " epoch " in l]
+    assert [l.split()[3] for l in epoch_lines] == ["1/3", "2/3", "3/3"]
+    out = resume_runs.root / "full"
+    assert checkpoint.latest_step(out / "best") == rec["selected"]["honest"]["epoch"]
+    assert checkpoint.latest_step(out / "latest") == 2
+    kept = sorted(int(p.name.split("_")[1]) for p in (out / "selected").glob("epoch_*"))
+    assert kept == sorted({r["epoch"] for r in rec["selected"].values()})
+    # Every epoch's lr as scheduled (cosine over 3 epochs, no warm-up), the same on every step.
+    lrs = [h["train"]["lr"] for h in rec["history"]]
+    np.testing.assert_allclose(lrs, [float(T.epoch_lr(e, 1e-3, 0, 3)) for e in range(3)], rtol=1e-6)
+
+
+def test_fit_seed_resume_equals_uninterrupted(tiny, resume_runs):
+    full, resumed = resume_runs.full, resume_runs.resumed
+    assert resume_runs.saved == [0, 1]
+    assert any("resumed after epoch 2" in l for l in resume_runs.resumed_log)
+    retrained = [
+        l.split()[3] for l in resume_runs.resumed_log if " epoch " in l and "resumed" not in l
+    ]
+    assert retrained == ["3/3"]  # only epoch 3 was trained again
+    assert_trees_close(resumed["final_state"].params, full["final_state"].params, atol=1e-6)
+    assert_trees_close(resumed["final_state"].opt_state, full["final_state"].opt_state, atol=1e-6)
+    assert_trees_close(resumed["final_state"].anchors, full["final_state"].anchors, atol=1e-6)
+    assert int(resumed["final_state"].step) == int(full["final_state"].step) == 3 * tiny.spe
+    assert nan_equal(strip_seconds(resumed["history"]), strip_seconds(full["history"]))
+    assert nan_equal(resumed["selection"], full["selection"])
+    assert nan_equal(resumed["selected"], full["selected"])
+    assert resumed["epoch"] == full["epoch"] == 2
+
+
+def test_fit_seed_raises_on_nonfinite_loss_naming_the_step(tiny, tmp_path, monkeypatch):
+    patch_fit(monkeypatch, tiny)
+    nan_row = 13
+    labels = tiny.data.train.labels.copy()
+    labels[nan_row] = np.nan
+    data = dataclasses.replace(tiny.data, train=dataclasses.replace(tiny.data.train, labels=labels))
+    rows = [
+        b["row"]
+        for b in T.epoch_batches(
+            {"row": np.arange(tiny.data.train.n)}, tiny.tcfg.batch_size, 1111, 0
+        )
+    ]
+    first_bad = next(i for i, r in enumerate(rows) if nan_row in r)
+    with pytest.raises(T.NonFiniteLossError, match=rf"non-finite loss at step {first_bad}\b"):
+        fit(tiny, tmp_path / "nan", data=data)
+    assert tiny.steps["pmap"].traces == 1
+
+
+def test_fit_seed_resume_after_interrupt_before_latest_save(
+    tiny, tmp_path, monkeypatch, resume_runs
+):
+    patch_fit(monkeypatch, tiny)
+    save = checkpoint.save
+
+    def interrupt_before_latest(directory, step, state, record=None):
+        if directory.name == "latest":
+            raise Interrupt  # epoch 0's selected/ parameters are saved, latest/ is not
+        save(directory, step, state, record)
+
+    monkeypatch.setattr(checkpoint, "save", interrupt_before_latest)
+    with pytest.raises(Interrupt):
+        fit(tiny, tmp_path / "run")
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed, _ = fit(tiny, tmp_path / "run", resume=True)
+    assert_trees_close(
+        resumed["final_state"].params, resume_runs.full["final_state"].params, atol=1e-6
+    )
+    assert nan_equal(resumed["selected"], resume_runs.full["selected"])
+
+
+def test_fit_seed_rerun_into_same_directory(tiny, tmp_path, monkeypatch, resume_runs):
+    patch_fit(monkeypatch, tiny)
+    fit(tiny, tmp_path / "run")
+    again, _ = fit(tiny, tmp_path / "run")
+    assert nan_equal(again["selected"], resume_runs.full["selected"])
+
+
+def test_fit_seed_survives_a_metric_that_is_always_nan(tiny, tmp_path, monkeypatch):
+    patch_fit(monkeypatch, tiny)
+    metrics = E.regression_metrics
+
+    def corr_nan(preds, labels, dataset):
+        return dict(metrics(preds, labels, dataset), Corr=float("nan"))
+
+    monkeypatch.setattr(E, "regression_metrics", corr_nan)
+    rec, _ = fit(tiny, tmp_path / "run")
+    assert "paper:MAE" in rec["selected"]
+    # The paper table still has every metric; the one never selected on is NaN.
+    table = E.protocol_table("mosi", rec["selected"], "paper")
+    assert all(math.isnan(row["Corr"]) for row in table["per_rate"].values())
+    assert all(np.isfinite(row["MAE"]) for row in table["per_rate"].values())
