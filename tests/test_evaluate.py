@@ -24,18 +24,8 @@ from ease_jax.data.synthetic import synthetic
 from ease_jax.metrics import METRIC_KEYS, regression_metrics
 from ease_jax.models import init_params
 
-TINY = {
-    "dim": 16,
-    "heads": 2,
-    "dim_head": 8,
-    "mlp_dim": 16,
-    "tokens": 2,
-    "encoder_depth": 1,
-    "fusion_depth": 1,
-    "cross_depth": 1,
-    "hyper_layers": 1,
-    "hyper_dim_head": 4,
-}
+from helpers import TINY_MODEL as TINY
+
 N_TEST = 11  # not a multiple of the batch size below
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from ease_jax import layers
 
+from helpers import random_params
+
 DIMS = chex.Dimensions(B=2, T=5, S=3, D=128, K=8, M=11)
 
 
@@ -29,24 +31,8 @@ def _np(tree):
 
 
 def _random_params(module, *args, seed, scale=0.3):
-    """Generic random parameters with the module's parameter shapes (from `jax.eval_shape`, so
-    nothing is compiled): kernels ~ N(0, 1/fan_in) (activations stay O(1)), LayerNorm scales
-    1 + N(0, scale^2), everything else (biases, tokens, positional tables) N(0, scale^2). Zero
-    biases, unit scales and zero tokens would hide a reference that ignores them."""
-    shapes = _param_shapes(module, *args)
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[0])
-        elif name == "scale":
-            value = 1.0 + scale * rng.standard_normal(s.shape)
-        else:
-            value = scale * rng.standard_normal(s.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+    """`helpers.random_params` with the parameter shapes of `module` applied to `args`."""
+    return random_params(_param_shapes(module, *args), seed, scale_sd=scale, sd=scale)
 
 
 def ref_layernorm(x, p, eps=1e-5):

@@ -20,16 +20,15 @@ from ease_jax.config import model_config, replace
 from ease_jax.models import build_model, count_parameters, dummy_inputs, init_params
 from ease_jax.models.ease import FusionHead, view_keep_flags
 
+from helpers import TINY_INPUTS, TINY_MODEL, random_model_params
+
 # Audio / vision feature widths of the MMSA files (PROTOCOL.md section 1).
 FEATURE_DIMS = {"mosi": (5, 20), "mosei": (74, 35), "sims": (33, 709)}
 SHORT = {"text_encoder": "features", "text_len": 6, "audio_len": 7, "vision_len": 9,
          "text_dim": 16}
 
 # A tiny EASE / LNLN for behavioural tests (real computation, compiled once each).
-TINY = {"text_encoder": "features", "text_len": 4, "text_dim": 6, "audio_len": 5,
-        "audio_dim": 5, "vision_len": 6, "vision_dim": 7, "dim": 16, "heads": 2, "dim_head": 8,
-        "mlp_dim": 16, "tokens": 2, "encoder_depth": 1, "fusion_depth": 1, "cross_depth": 1,
-        "hyper_layers": 1, "hyper_dim_head": 8}
+TINY = {**TINY_INPUTS, **TINY_MODEL}
 
 EASE_EVAL_KEYS = {"pred", "tokens", "imp_mean", "imp_var", "imp_sample", "uncertainty", "gate",
                   "fused"}
@@ -62,24 +61,6 @@ def _param_shapes(cfg):
 
 def _count(tree):
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def random_params(cfg, seed=0):
-    """Generic random parameters with the model's shapes (no compiled init): kernels
-    N(0, 1/fan_in), LayerNorm scales 1 + N(0, 0.01), the rest N(0, 0.09)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[0])
-        elif name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(s.shape)
-        else:
-            value = 0.3 * rng.standard_normal(s.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, _param_shapes(cfg))
 
 
 def make_batch(cfg, batch, seed, drop=0.4, full_drop=None):
@@ -339,7 +320,7 @@ def test_view_keep_flags_extremes():
 @pytest.fixture(scope="module")
 def tiny_ease():
     cfg = model_config("ease", "mosi", **TINY)
-    return cfg, build_model(cfg), random_params(cfg, seed=1)
+    return cfg, build_model(cfg), random_model_params(cfg, seed=1)
 
 
 @pytest.fixture(scope="module")

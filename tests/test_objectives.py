@@ -16,16 +16,15 @@ import pytest
 
 from ease_jax.anchors import AnchorState, init_anchors
 from ease_jax.config import LossConfig, model_config
-from ease_jax.models import build_model, init_params
+from ease_jax.models import build_model
 from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, weighted_mean
+
+from helpers import TINY_INPUTS, TINY_MODEL, random_model_params
 
 # Cheaper XLA compilation for these small CPU programs (the result is the same computation).
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
-TINY = {"text_encoder": "features", "text_len": 4, "text_dim": 6, "audio_len": 5,
-        "audio_dim": 5, "vision_len": 6, "vision_dim": 7, "dim": 16, "heads": 2, "dim_head": 8,
-        "mlp_dim": 16, "tokens": 2, "encoder_depth": 1, "fusion_depth": 1, "cross_depth": 1,
-        "hyper_layers": 1, "hyper_dim_head": 8}
+TINY = {**TINY_INPUTS, **TINY_MODEL}
 B = 4
 LABELS = np.array([-1.2, 0.05, 0.8, 2.0], np.float32)  # bins 0, 1, 2, 2
 
@@ -36,24 +35,6 @@ PAPER = {"sp": 1.0, "ucmi": 0.5, "uada": 0.2, "anchor": 0.004, "cons": 0.5, "asy
 BATCH_AXIS = {"pred": 0, "completeness": 0, "dominant": 0, "view_preds": 1, "view_keep": 1,
               "tokens": 1, "clean_tokens": 1, "imp_mean": 1, "imp_var": 1, "imp_sample": 1,
               "fused": 1, "uncertainty": 1, "gate": 1, "reconstruction": 1, "disc_logits": 1}
-
-
-def random_params(cfg, seed):
-    """Generic random parameters with the model's shapes (eval_shape: no compiled init)."""
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[0])
-        elif name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(s.shape)
-        else:
-            value = 0.3 * rng.standard_normal(s.shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def make_batch(cfg, seed, drop=0.4):
@@ -104,7 +85,7 @@ def _logsumexp(a):
 def ease_run():
     cfg = model_config("ease", "mosi", **TINY)
     model = build_model(cfg)
-    params = random_params(cfg, seed=3)
+    params = random_model_params(cfg, seed=3)
     inputs, clean = make_batch(cfg, seed=4)
     batch = {"labels": jnp.asarray(LABELS), "missing_rate": inputs["missing_rate"]}
     order = EASE_TERMS + ("total",)
@@ -151,7 +132,7 @@ def _unit_direction(grads, rows, select):
 def lnln_run():
     cfg = model_config("lnln", "mosi", **TINY)
     model = build_model(cfg)
-    params = random_params(cfg, seed=7)
+    params = random_model_params(cfg, seed=7)
     inputs, clean = make_batch(cfg, seed=8)
     batch = {"labels": jnp.asarray(LABELS), "missing_rate": inputs["missing_rate"]}
     order = LNLN_TERMS + ("total",)

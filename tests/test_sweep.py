@@ -26,18 +26,8 @@ from ease_jax.data.synthetic import synthetic
 from ease_jax.metrics import METRIC_KEYS, regression_metrics
 from experiments import sweep
 
-TINY = {
-    "dim": 16,
-    "heads": 2,
-    "dim_head": 8,
-    "mlp_dim": 16,
-    "tokens": 2,
-    "encoder_depth": 1,
-    "fusion_depth": 1,
-    "cross_depth": 1,
-    "hyper_layers": 1,
-    "hyper_dim_head": 4,
-}
+from helpers import TINY_MODEL as TINY
+
 RATE_KEYS = [f"{0.1 * i:.1f}" for i in range(10)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The constant baseline has no correlation: metrics warns and reports NaN, as it should.
@@ -371,27 +361,16 @@ def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
         assert (out / f"seed_{s}" / "best").is_dir()
 
 
+def two_seed_argv(pickle_path, out) -> list[str]:
+    """A 2-epoch, 2-seed features-mode sweep of `pickle_path` into `out`."""
+    return ["--data", str(pickle_path), "--epochs", "2", "--batch-size", "8", "--text-encoder",
+            "features", "--seeds", "1111,1112", "--out", str(out), "--no-progress"]
+
+
 def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
     steps, predicts = share_compilations(monkeypatch)
     out = tmp_path / "out"
-    results = sweep.main(
-        "mosi",
-        argv=[
-            "--data",
-            str(tiny_pickle),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--text-encoder",
-            "features",
-            "--seeds",
-            "1111,1112",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-    )
+    results = sweep.main("mosi", argv=two_seed_argv(tiny_pickle, out))
     check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
     assert len(steps) == 1 and len(predicts) == 1  # both seeds shared one step / predict fn
     assert results["config"]["model"]["dim"] == TINY["dim"]
@@ -405,24 +384,7 @@ def test_sweep_end_to_end_paper_model(tiny_pickle, tmp_path, monkeypatch):
     """The paper's dimensions (d = 128, 8 heads of 64, 8 tokens, depths 2 / 4) on tiny data."""
     share_compilations(monkeypatch, tiny_model=False)
     out = tmp_path / "out"
-    results = sweep.main(
-        "mosi",
-        argv=[
-            "--data",
-            str(tiny_pickle),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--text-encoder",
-            "features",
-            "--seeds",
-            "1111,1112",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-    )
+    results = sweep.main("mosi", argv=two_seed_argv(tiny_pickle, out))
     check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
     assert results["config"]["model"]["dim"] == 128
     assert results["config"]["model"]["fusion_depth"] == 4

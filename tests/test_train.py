@@ -37,18 +37,7 @@ from ease_jax.evaluate import PAPER_SELECTION, RATES
 from ease_jax.metrics import METRIC_KEYS
 from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, weighted_mean
 
-TINY = {
-    "dim": 16,
-    "heads": 2,
-    "dim_head": 8,
-    "mlp_dim": 16,
-    "tokens": 2,
-    "encoder_depth": 1,
-    "fusion_depth": 1,
-    "cross_depth": 1,
-    "hyper_layers": 1,
-    "hyper_dim_head": 4,
-}
+from helpers import TINY_MODEL as TINY
 
 
 def tiny_data(n_train=24, n_valid=8, n_test=8):
