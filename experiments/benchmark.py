@@ -331,6 +331,8 @@ def _run_isolated(model: str, text_encoder: str, args) -> dict:
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = f"timed out after {args.timeout:.0f}s"
+        if code == -9:  # SIGKILL: on a host without swap, almost always the kernel's OOM killer
+            code = "killed by SIGKILL, most likely out of host memory; try a smaller --batch-size"
         if out.is_file():
             return json.loads(out.read_text())
         return _failed_row(model, text_encoder, args,
