@@ -81,12 +81,20 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # Dropout of the checkpoint's config (0.1 for bert-base and MiniLM): after the embeddings and on
+    # both residual branches (hidden), on the attention probabilities (attention). Active only when
+    # BertModel runs with deterministic=False, as the papers' code fine-tunes BERT in train mode.
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
                 f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}"
             )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by "
@@ -160,7 +168,6 @@ class BertEmbeddings(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
@@ -187,7 +194,7 @@ class BertEmbeddings(nn.Module):
         positions = embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(length))
         x = words + types + positions[None]  # same summation order as the PyTorch model
         x = _layer_norm(c, self.dtype, "layer_norm")(x)
-        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -195,7 +202,6 @@ class BertSelfAttention(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool = True):
@@ -211,7 +217,7 @@ class BertSelfAttention(nn.Module):
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32)  # (B, n, L, L)
         scores = scores / math.sqrt(c.head_dim) + mask_bias
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
         context = context.reshape(batch, length, c.hidden_size)
         return _dense(c.hidden_size, self.dtype, "output")(context)
@@ -222,13 +228,12 @@ class BertLayer(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool = True):
         c = self.config
-        drop = nn.Dropout(self.dropout_rate)
-        attended = BertSelfAttention(c, self.dtype, self.dropout_rate, name="attention")(
+        drop = nn.Dropout(c.hidden_dropout_prob)
+        attended = BertSelfAttention(c, self.dtype, name="attention")(
             x, mask_bias, deterministic
         )
         x = _layer_norm(c, self.dtype, "attention_layer_norm")(
@@ -253,14 +258,14 @@ class BertModel(nn.Module):
         On GPU, float32 matmuls run at reduced (TF32-like) precision by default: on an H100 the
         MiniLM hidden states then differ from PyTorch by ~2e-3 (~4e-6 under
         `jax.default_matmul_precision("highest")`); bfloat16 differs by ~4e-2.
-      dropout_rate: dropout after the embeddings, on the attention probabilities and on both residual
-        branches, applied only when `deterministic=False` (needs a "dropout" rng). 0 by default, as in
-        the LNLN / EASE protocol; Hugging Face checkpoints were trained with 0.1.
+    Dropout (the config's `hidden_dropout_prob` after the embeddings and on both residual branches,
+    `attention_probs_dropout_prob` on the attention probabilities) is applied only when
+    `deterministic=False` and then needs a "dropout" rng. The papers' code fine-tunes BERT in train
+    mode, so training uses the checkpoint's rates (0.1) and evaluation none (PROTOCOL.md section 5).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
-    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(
@@ -279,7 +284,7 @@ class BertModel(nn.Module):
           attention_mask: (B, L), 1 (or True) for real tokens and 0 for padding; None = all ones.
             Padded positions are still computed (as in PyTorch) but no position attends to them.
           token_type_ids: (B, L) int segment ids; None = all zeros.
-          deterministic: disables dropout (irrelevant when dropout_rate is 0).
+          deterministic: disables dropout (irrelevant when both dropout rates are 0).
           return_pooled: also return the pooled output.
 
         Returns:
@@ -303,11 +308,11 @@ class BertModel(nn.Module):
         neg = jnp.finfo(jnp.float32).min
         mask_bias = jnp.where(attention_mask[:, None, None, :] != 0, 0.0, neg).astype(jnp.float32)
 
-        x = BertEmbeddings(c, self.dtype, self.dropout_rate, name="embeddings")(
+        x = BertEmbeddings(c, self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic
         )
         for i in range(c.num_hidden_layers):
-            x = BertLayer(c, self.dtype, self.dropout_rate, name=f"layer_{i}")(
+            x = BertLayer(c, self.dtype, name=f"layer_{i}")(
                 x, mask_bias, deterministic
             )
         # The pooler always runs so that its parameters always exist (as in the checkpoints);

@@ -47,6 +47,10 @@ class ModelConfig:
     use_ucmi: bool = True  # EASE ablation "w/o UCMI": no imputer, no gate; fusion sees h_m
     sample_at_eval: bool = False  # EASE: z_hat = mu at evaluation unless True
     bert: Any = None  # ease_jax.bert.BertConfig for BERT mode; None = bert-base-uncased
+    # BERT dropout during training (section 5): None = the checkpoint config's rates (0.1 for
+    # bert-base and MiniLM), as the papers' code fine-tunes BERT in train mode; a number sets both
+    # hidden and attention dropout (0 turns dropout off). Evaluation never drops.
+    bert_dropout: float | None = None
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -55,15 +59,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
             )
+        if self.bert_dropout is not None and not 0.0 <= self.bert_dropout < 1.0:
+            raise ValueError(f"ModelConfig.bert_dropout must be in [0, 1), got {self.bert_dropout}")
         for name in ("text_len", "text_dim", "audio_len", "audio_dim", "vision_len", "vision_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     def bert_config(self):
-        """The BERT architecture of BERT mode (bert-base-uncased unless `bert` is set)."""
+        """The BERT architecture of BERT mode (bert-base-uncased unless `bert` is set), with
+        `bert_dropout` applied when set."""
         from ease_jax.bert import BertConfig
 
         cfg = self.bert if self.bert is not None else BertConfig.base_uncased()
+        if self.bert_dropout is not None:
+            cfg = dataclasses.replace(cfg, hidden_dropout_prob=self.bert_dropout,
+                                      attention_probs_dropout_prob=self.bert_dropout)
         if cfg.hidden_size != self.text_dim:
             raise ValueError(
                 f"ModelConfig.text_dim={self.text_dim} but the BERT hidden size is {cfg.hidden_size}"

@@ -40,6 +40,7 @@ PAPER_SELECTION = {
 }
 PAPER_SELECTION["mosei"] = PAPER_SELECTION["mosi"]
 HONEST_METRIC = "MAE"
+SELECTION_DECIMALS = 4  # the released `metricsTop` rounds every metric before `get_best_results`
 
 
 def condition_name(kind: str, value) -> str:
@@ -147,8 +148,10 @@ class Selector:
     """Both checkpoint-selection protocols of section 4, tracked epoch by epoch.
 
     honest: one checkpoint, best VALID MAE at r = 0.5. paper: for each selection metric, the best
-    TEST value at r = 0.5. `update` returns the criteria an epoch improved; the caller then runs
-    the full protocol for that epoch's parameters once and stores it under each of them.
+    TEST value at r = 0.5. As the released `get_best_results`, metrics are compared rounded to
+    4 decimals and an epoch replaces the kept one only on a strict improvement, so a tie keeps the
+    earlier epoch. `update` returns the criteria an epoch improved; the caller then runs the full
+    protocol for that epoch's parameters once and stores it under each of them.
     """
 
     def __init__(self, dataset: str):
@@ -161,8 +164,10 @@ class Selector:
         improved = []
         for c in self.criteria:
             metric, source = (HONEST_METRIC, valid) if c == "honest" else (c[6:], test)
-            if better(metric, source[metric], self.best[c]):
-                self.best[c], self.epoch[c] = float(source[metric]), epoch
+            value = source[metric]
+            value = None if value is None else round(float(value), SELECTION_DECIMALS)
+            if better(metric, value, self.best[c]):
+                self.best[c], self.epoch[c] = value, epoch
                 improved.append(c)
         return improved
 
@@ -222,6 +227,8 @@ def _mean_std(rows: list[dict]) -> dict:
 
 
 def host_params(params):
-    """Parameters as host NumPy arrays (for keeping a copy without holding device memory)."""
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+    """Parameters as host NumPy arrays (for keeping a copy without holding device memory).
+    `np.array` copies: on CPU `device_get` returns views of the device buffers, which would pin
+    them (and defeat donation)."""
+    return jax.tree_util.tree_map(np.array, jax.device_get(params))
 

@@ -6,7 +6,7 @@ The per-device step `(state, batch, rng) -> (state, metrics)` (section 9 of PROT
   2. runs the model on the incomplete inputs with the clean inputs beside them;
   3. computes the objective (global-batch normalised, see `ease_jax.objectives`);
   4. averages gradients with `lax.pmean(..., "data")` and applies AdamW with the per-epoch
-     warm-up + cosine schedule (epoch 1 at lr 0).
+     warm-up + cosine schedule of the released code (`epoch_lr`; epoch 1 at lr 0).
 Batches are padded to the global batch size with zero-weight rows, so the step compiles once and
 a batch that does not divide by the device count costs nothing but the padding.
 """
@@ -36,23 +36,32 @@ AXIS = "data"
 
 class TrainState(flax.struct.PyTreeNode):
     """step: [] int32 (optimizer steps taken); params; opt_state; anchors (EASE) or None;
-    rng: the run's base key (each step uses fold_in(rng, step))."""
+    rng: the run's base key for per-step randomness (each step uses fold_in(rng, step));
+    mask_rng: the base key of the training masks (epoch e uses fold_in(mask_rng, e)). Both are raw
+    uint32 key data."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     anchors: Any
     rng: jax.Array
+    mask_rng: jax.Array
 
 
 def epoch_lr(epoch: jax.Array, base_lr: float, warmup: int, total: int) -> jax.Array:
-    """Learning rate of 0-based `epoch`: linear warm-up from 0 over `warmup` epochs (epoch 0 at
-    lr 0), then cosine decay to 0 over the remaining `total - warmup` epochs (section 9)."""
+    """Learning rate of 0-based `epoch` e, exactly as the released code steps
+    `GradualWarmupScheduler(multiplier=1, total_epoch=W)` + `CosineAnnealingLR(T_max=total - W)`
+    (PROTOCOL.md section 9): `base * e / W` for e <= W, then
+    `base * 0.5 * (1 + cos(pi * (e - W - 1) / (total - W)))`. So epoch 0 runs at lr 0, the
+    1-based epochs W + 1 and W + 2 both run at the base lr, and with W = 20, total = 200 the last
+    epoch runs at 3.05e-4 * base. `warmup = 0` starts the cosine at e = 0 (no warm-up)."""
     epoch = jnp.asarray(epoch, jnp.float32)
-    warm = base_lr * epoch / max(warmup, 1)
-    progress = (epoch - warmup) / max(total - warmup, 1)
-    cosine = 0.5 * base_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
-    return jnp.where(epoch < warmup, warm, cosine)
+    if warmup <= 0:
+        return 0.5 * base_lr * (1.0 + jnp.cos(jnp.pi * epoch / max(total, 1)))
+    warm = base_lr * epoch / warmup
+    progress = jnp.clip((epoch - warmup - 1) / max(total - warmup, 1), 0.0, 1.0)  # 1 past the end
+    cosine = 0.5 * base_lr * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(epoch <= warmup, warm, cosine)
 
 
 def make_optimizer(train_cfg: TrainConfig, model: str, steps_per_epoch: int):
@@ -69,23 +78,28 @@ def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, step
                  params: Any = None) -> TrainState:
     """A fresh TrainState for `seed` (params initialised from it unless given, e.g. with
     pretrained BERT weights already inserted)."""
-    key = jax.random.key(seed)
-    k_init, k_run = jax.random.split(key)
+    k_init, k_run, k_masks = jax.random.split(jax.random.key(seed), 3)
     if params is None:
         params = init_params(model_cfg, k_init)
     tx = make_optimizer(train_cfg, model_cfg.model, steps_per_epoch)
     anchors = init_anchors(3, model_cfg.dim) if model_cfg.model == "ease" else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      anchors=anchors, rng=jax.random.key_data(k_run))
+                      anchors=anchors, rng=jax.random.key_data(k_run),
+                      mask_rng=jax.random.key_data(k_masks))
 
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                    steps_per_epoch: int, axis_name: str | None = AXIS) -> Callable:
+                    steps_per_epoch: int, n_train: int, axis_name: str | None = AXIS) -> Callable:
     """The per-device step `(state, batch, rng) -> (state, metrics)`.
 
-    `batch`: the data layer's canonical arrays for this device's rows plus `weight` [B];
-    `rng`: a key (raw uint32 key data) for this step, identical on every device (each device
-    folds in its index). `metrics`: every loss term, the learning rate, and `nonfinite` (1.0 when
+    `batch`: the data layer's canonical arrays for this device's rows plus `weight` [B] and
+    `index` [B] (each row's position in the training split of `n_train` samples; padding rows
+    any index, weight 0); `rng`: a key (raw uint32 key data) for this step, identical on every
+    device. The training masks come from `fold_in(state.mask_rng, epoch)` and the rows' indices
+    (rates halved over the whole split, section 2), imputation noise and subset views from the
+    step key and the indices: all per sample, so the step does not depend on how the global batch
+    is split over devices. Only BERT dropout (its own stream, folded with the device index) is
+    drawn per device. `metrics`: every loss term, the learning rate, and `nonfinite` (1.0 when
     the total is not finite), all averaged over devices.
     """
     model = build_model(model_cfg)
@@ -94,17 +108,20 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
     text_mode = model_cfg.text_encoder
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
+        if "index" not in batch:
+            raise KeyError("train step: batch needs 'index' (rows' positions in the training "
+                           "split; see `epoch_batches`)")
         key = jax.random.wrap_key_data(rng)
+        k_noise, k_views, k_dropout = jax.random.split(key, 3)
         if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-        k_mask, k_noise, k_views = jax.random.split(key, 3)
-        keep = train_keep_masks(k_mask, batch, text_mode=text_mode)
-        inputs = apply_keep_masks(batch, keep, text_mode=text_mode)
+            k_dropout = jax.random.fold_in(k_dropout, jax.lax.axis_index(axis_name))
+        inputs, _ = train_inputs(state, batch, n_train=n_train, steps_per_epoch=steps_per_epoch,
+                                 text_mode=text_mode)
         target = dict(batch, missing_rate=inputs["missing_rate"])
 
         def objective(params):
             outputs = model.apply({"params": params}, inputs, batch, train=True,
-                                  rngs={"noise": k_noise, "views": k_views})
+                                  rngs={"noise": k_noise, "views": k_views, "dropout": k_dropout})
             total, terms, anchors = loss_fn(outputs, target, state.anchors, loss_cfg,
                                             axis_name=axis_name)
             return total, (terms, anchors)
@@ -122,6 +139,24 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
         return new_state, metrics
 
     return step
+
+
+def epoch_mask_key(mask_rng: jax.Array, epoch) -> jax.Array:
+    """The key of epoch `epoch`'s training masks: `fold_in(mask_rng, epoch)` (shared by every
+    batch and device of the epoch, so the split-level rate halving holds)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(mask_rng), epoch)
+
+
+def train_inputs(state: TrainState, batch: dict, *, n_train: int, steps_per_epoch: int,
+                 text_mode: str) -> tuple[dict, dict]:
+    """The incomplete inputs the train step feeds the model, and the keep masks behind them:
+    masks of the batch's rows (`batch["index"]`) from the current epoch's key, applied; the
+    inputs' `missing_rate` [B, 3] is the OBSERVED missing fraction (what EASE's gate and LNLN's
+    completeness target read; section 7), not the drawn rate."""
+    epoch = state.step // steps_per_epoch
+    keep = train_keep_masks(epoch_mask_key(state.mask_rng, epoch), batch, n_split=n_train,
+                            text_mode=text_mode)
+    return apply_keep_masks(batch, keep, text_mode=text_mode), keep
 
 
 def tx_lr(step, train_cfg: TrainConfig, model: str, steps_per_epoch: int) -> jax.Array:
@@ -203,13 +238,14 @@ def global_batch_size(batch_size: int, n_devices: int) -> int:
 
 def epoch_batches(arrays: dict, batch_size: int, seed: int, epoch: int):
     """Shuffled mini-batches of host arrays for one epoch (deterministic in (seed, epoch), so a
-    resumed run sees the same order). Yields dicts of [<= batch_size, ...] arrays; the last batch
-    may be partial (kept, padded by the caller)."""
+    resumed run sees the same order). Yields dicts of [<= batch_size, ...] arrays plus `index`
+    (int32 rows of the split, which the train step's masks and noise are keyed by); the last
+    batch may be partial (kept, padded by the caller)."""
     n = next(iter(arrays.values())).shape[0]
     order = np.random.default_rng([seed, epoch]).permutation(n)
     for start in range(0, n, batch_size):
         idx = np.sort(order[start : start + batch_size])
-        yield {k: v[idx] for k, v in arrays.items()}
+        yield {k: v[idx] for k, v in arrays.items()} | {"index": idx.astype(np.int32)}
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -258,7 +294,7 @@ def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: b
     train_arrays = _model_arrays(data.train, mcfg)
     n_train = data.train.n
     spe = steps_per_epoch(n_train, tcfg.batch_size)
-    step_fn = make_train_step(mcfg, run.loss, tcfg, spe)
+    step_fn = make_train_step(mcfg, run.loss, tcfg, spe, n_train)
     par = ParallelStep(step_fn, parallel)
     gbs = global_batch_size(tcfg.batch_size, par.n)
     state = create_state(mcfg, tcfg, seed, spe, params=params)

@@ -204,7 +204,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     tcfg = TrainConfig(batch_size=args.batch_size)
     spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)
 
-    par = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe), args.parallel)
+    par = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe, MOSI_TRAIN), args.parallel)
     gbs = global_batch_size(args.batch_size, par.n)
     n_batches = 2  # alternate between two distinct batches
     raw = synthetic(DATASET, seed=0, n_train=n_batches * args.batch_size, n_valid=8,
@@ -237,7 +237,9 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     batches = []
     for i in range(n_batches):
         sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
-        batches.append(pad_batch({k: v[sl] for k, v in arrays.items()}, gbs))
+        rows = {k: v[sl] for k, v in arrays.items()}
+        rows["index"] = np.arange(sl.start, sl.stop, dtype=np.int32)
+        batches.append(pad_batch(rows, gbs))
     base_key = jax.random.key(1111)
 
     def one_step(i: int):

@@ -28,7 +28,10 @@ DEFAULT_DATA = {
 BERT_NAMES = {"mosi": "bert-base-uncased", "mosei": "bert-base-uncased", "sims": "bert-base-chinese"}
 # Small synthetic run: finishes in minutes on a 2-core CPU (see README).
 SYNTHETIC = dict(n_train=384, n_valid=128, n_test=256, text_len=8, audio_len=8, vision_len=8)
-SYNTHETIC_TRAIN = dict(epochs=12, warmup_epochs=2, lr=1e-3, seeds=(1111,))
+SYNTHETIC_TRAIN = dict(epochs=24, warmup_epochs=3, lr=1e-3, seeds=(1111,))
+# ... and a narrower model (the papers' depths and token counts, width 64 and 4 heads of 16 instead
+# of 128 and 8 heads of 64): 8x fewer FLOPs per position, so both models train in minutes.
+SYNTHETIC_MODEL = dict(dim=64, heads=4, dim_head=16, mlp_dim=64)
 
 # Paper numbers (PROTOCOL.md section 10; EASE paper Tables 1-2): 10-rate means, paper protocol.
 PAPER_ROWS = {
@@ -57,7 +60,9 @@ def parse_args(dataset: str, argv=None) -> argparse.Namespace:
                     "missingness protocol; writes results.json, results.md, curves.png, run.log.")
     p.add_argument("--data", default=DEFAULT_DATA[dataset],
                    help="MMSA pickle (default: %(default)s); synthetic data when absent")
-    p.add_argument("--model", choices=("ease", "lnln"), default="ease")
+    p.add_argument("--model", type=_model_list, default=("ease", "lnln"),
+                   help="ease, lnln or a comma-separated list (default: ease,lnln); several "
+                        "models each write under --out/<model> plus a comparison there")
     p.add_argument("--seeds", default=None, help="comma-separated (default 1111,1112,1113)")
     p.add_argument("--epochs", type=int, default=None, help="default 200")
     p.add_argument("--batch-size", type=int, default=64)
@@ -72,10 +77,21 @@ def parse_args(dataset: str, argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
     p.add_argument("--burst", action="store_true",
                    help="also evaluate burst (temporally correlated) missingness at every rate")
-    p.add_argument("--out", default=None, help=f"output directory (default runs/{dataset}_<model>)")
+    p.add_argument("--out", default=None,
+                   help=f"output directory (default runs/{dataset}_<model> for one model, "
+                        f"runs/{dataset} for several)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def _model_list(text: str) -> tuple[str, ...]:
+    models = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    bad = [m for m in models if m not in ("ease", "lnln")]
+    if not models or bad or len(set(models)) != len(models):
+        raise argparse.ArgumentTypeError(
+            f"expected ease, lnln or a comma-separated list of them without repeats, got {text!r}")
+    return models
 
 
 def find_bert(dataset: str, given: str | None) -> Path:
@@ -111,7 +127,8 @@ def load_data(args, dataset: str, log):
     return from_raw(raw, source=f"synthetic:{dataset}(seed=0)"), True
 
 
-def build_run(args, dataset: str, data, is_synthetic: bool):
+def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = None):
+    """(ModelConfig, LossConfig, TrainConfig) of `model` (default: the first of --model)."""
     from ease_jax.config import LossConfig, TrainConfig, model_config
 
     dims = data.dims
@@ -134,12 +151,19 @@ def build_run(args, dataset: str, data, is_synthetic: bool):
         train_kw["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     train_kw["batch_size"] = args.batch_size
     loss = LossConfig.preset(args.loss_preset, dataset)
-    return model_config(args.model, dataset, **overrides), loss, TrainConfig(**train_kw)
+    model = model or args.model[0]
+    if is_synthetic:
+        overrides.update(SYNTHETIC_MODEL)
+    return model_config(model, dataset, **overrides), loss, TrainConfig(**train_kw)
 
 
 def main(dataset: str, argv=None) -> dict:
+    """Run the sweep; returns the model's results (one model) or {"models": {model: results},
+    "comparison": {...}} (several models, each written under --out/<model>)."""
     args = parse_args(dataset, argv)
-    out = Path(args.out or f"runs/{dataset}_{args.model}")
+    models = args.model
+    single = len(models) == 1
+    out = Path(args.out or (f"runs/{dataset}_{models[0]}" if single else f"runs/{dataset}"))
     out.mkdir(parents=True, exist_ok=True)
     logger = _logger(out / "run.log")
     log = logger.info
@@ -148,13 +172,53 @@ def main(dataset: str, argv=None) -> dict:
     import jax
 
     _enable_compilation_cache(jax)
+    data, is_synthetic = load_data(args, dataset, log)
+    label = "synthetic" if is_synthetic else "real"
+    log(f"data: {data.source} ({label}; sha256 {data.sha256}); train/valid/test "
+        f"{data.train.n}/{data.valid.n}/{data.test.n}; devices: {jax.devices()}")
+    per_model = {}
+    for model in models:
+        model_out = out if single else out / model
+        model_out.mkdir(parents=True, exist_ok=True)
+        per_model[model] = run_model(args, dataset, data, is_synthetic, model, model_out, log)
+    if single:
+        return per_model[models[0]]
+    comparison = compare_models(per_model)
+    (out / "comparison.json").write_text(json.dumps(_jsonable(comparison), indent=1,
+                                                    allow_nan=True))
+    (out / "comparison.md").write_text(comparison_markdown(comparison, label))
+    plot_comparison(per_model, out / "comparison.png", label)
+    log(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
+    print((out / "comparison.md").read_text())
+    return {"models": per_model, "comparison": comparison}
+
+
+def initial_params(mcfg, seed: int, bert_params=None):
+    """Parameters a seed starts from: None (the train state initialises them from the seed) or,
+    in BERT mode with a checkpoint, the seed's initialisation with the pretrained BERT inserted."""
+    if bert_params is None:
+        return None
+    import jax
+
+    from ease_jax.models import init_params
+
+    params = init_params(mcfg, jax.random.key(seed))
+    if jax.tree_util.tree_structure(params["encoder"]["bert"]) != \
+            jax.tree_util.tree_structure(bert_params):
+        raise ValueError("the BERT checkpoint's parameter tree does not match the model's BERT")
+    params["encoder"]["bert"] = bert_params
+    return params
+
+
+def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Path, log) -> dict:
+    """Train and evaluate one model on every seed; writes results.json / .md and curves.png under
+    `out` and returns the results dict."""
     from ease_jax.config import RunConfig, replace
     from ease_jax.evaluate import aggregate, protocol_table
     from ease_jax.metrics import regression_metrics
     from ease_jax.train import fit_seed
 
-    data, is_synthetic = load_data(args, dataset, log)
-    mcfg, loss, tcfg = build_run(args, dataset, data, is_synthetic)
+    mcfg, loss, tcfg = build_run(args, dataset, data, is_synthetic, model)
     bert_params = None
     if mcfg.text_encoder == "bert":
         from ease_jax.bert import load_bert
@@ -162,28 +226,23 @@ def main(dataset: str, argv=None) -> dict:
         bert_dir = find_bert(dataset, args.bert)
         bert_module, bert_params = load_bert(bert_dir)
         mcfg = replace(mcfg, bert=bert_module.config, text_dim=bert_module.config.hidden_size)
-        log(f"text encoder: BERT fine-tuned from {bert_dir}")
+        log(f"{model}: text encoder BERT fine-tuned from {bert_dir} (dropout "
+            f"{mcfg.bert_config().hidden_dropout_prob} / "
+            f"{mcfg.bert_config().attention_probs_dropout_prob} in training)")
     else:
-        log("text encoder: precomputed text FEATURES (frozen BERT), not the papers' fine-tuned BERT")
+        log(f"{model}: text encoder = precomputed text FEATURES (frozen BERT), not the papers' "
+            "fine-tuned BERT")
     if not loss.use_mipc:
         mcfg = replace(mcfg, n_views=0)
     run = RunConfig(dataset=dataset, model=mcfg, loss=loss, train=tcfg)
     label = "synthetic" if is_synthetic else "real"
-    log(f"data: {data.source} ({label}; sha256 {data.sha256}); train/valid/test "
-        f"{data.train.n}/{data.valid.n}/{data.test.n}; devices: {jax.devices()}")
-
-    from ease_jax.models import init_params
 
     seeds_out, seed_tables, t_start = {}, {"paper": [], "honest": []}, time.perf_counter()
     burst_rates = tuple(round(0.1 * i, 1) for i in range(10)) if args.burst else ()
     for seed in tcfg.seeds:
-        params = None
-        if bert_params is not None:
-            params = init_params(mcfg, jax.random.key(seed))
-            params["encoder"]["bert"] = bert_params
         rec = fit_seed(run, data, seed, out / f"seed_{seed}", parallel=args.parallel,
-                       resume=args.resume, params=params, burst_rates=burst_rates, log=log,
-                       progress=not args.no_progress)
+                       resume=args.resume, params=initial_params(mcfg, seed, bert_params),
+                       burst_rates=burst_rates, log=log, progress=not args.no_progress)
         for protocol in seed_tables:
             seed_tables[protocol].append(protocol_table(dataset, rec["selected"], protocol))
         seeds_out[str(seed)] = {
@@ -195,9 +254,9 @@ def main(dataset: str, argv=None) -> dict:
     median = float(np.median(data.train.labels))
     constant = regression_metrics(np.full(data.test.n, median), data.test.labels, dataset)
     results = {
-        "dataset": dataset, "data": {"source": data.source, "sha256": data.sha256,
-                                     "synthetic": is_synthetic,
-                                     "sizes": [data.train.n, data.valid.n, data.test.n]},
+        "dataset": dataset, "model": model,
+        "data": {"source": data.source, "sha256": data.sha256, "synthetic": is_synthetic,
+                 "sizes": [data.train.n, data.valid.n, data.test.n]},
         "config": run.to_dict() | {"model": _jsonable(dataclasses.asdict(mcfg))},
         "protocols": {p: aggregate(t) for p, t in seed_tables.items()},
         "baselines": {"constant": constant | {"value": median}},
@@ -208,11 +267,111 @@ def main(dataset: str, argv=None) -> dict:
                     "protocol_seconds": sum(s["seconds"]["protocol"] for s in seeds_out.values())},
     }
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1, allow_nan=True))
-    (out / "results.md").write_text(results_markdown(results, args.model, label))
+    (out / "results.md").write_text(results_markdown(results, model, label))
     plot_curves(results, out / "curves.png", label)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
     print((out / "results.md").read_text())
     return results
+
+
+def compare_models(per_model: dict) -> dict:
+    """Side-by-side view of several models' results on the same data: per protocol, each model's
+    per-rate test metrics, 10-rate mean, inter-modal rows and mean, and the constant baseline."""
+    first = next(iter(per_model.values()))
+    out = {"dataset": first["dataset"], "data": first["data"],
+           "baselines": first["baselines"], "protocols": {}}
+    for proto in ("honest", "paper"):
+        out["protocols"][proto] = {
+            model: {key: res["protocols"][proto].get(key, {}) for key in
+                    ("per_rate", "mean_over_rates", "inter_modal", "mean_over_subsets")}
+            for model, res in per_model.items()}
+    out["seeds"] = {model: list(res["seeds"]) for model, res in per_model.items()}
+    return out
+
+
+def comparison_markdown(comparison: dict, label: str) -> str:
+    ds = comparison["dataset"]
+    head = [name for name, _ in TABLE_COLUMNS[ds]]
+    models = list(comparison["seeds"])
+    lines = [f"# {' vs '.join(m.upper() for m in models)} on {ds.upper()} ({label} data: "
+             f"{comparison['data']['source']})", "",
+             "Test metrics, mean over seeds (" + ", ".join(
+                 f"{m.upper()}: {len(s)} seed(s)" for m, s in comparison["seeds"].items())
+             + "). Accuracies and F1 in %. Each model's own results.md has the paper rows, the "
+               "per-seed spread and the other protocol's details.", ""]
+    constant = _row(ds, comparison["baselines"]["constant"])
+    for proto, desc in (("honest", "honest protocol (valid-selected)"),
+                        ("paper", "paper protocol (test-selected)")):
+        rows = comparison["protocols"][proto]
+        lines += [f"## 10-rate mean and kept-modality mean, {desc}", "",
+                  "| model | condition | " + " | ".join(head) + " |",
+                  "|---|---|" + "---|" * len(head)]
+        for model in models:
+            lines.append(f"| {model.upper()} | mean over r | "
+                         + " | ".join(_row(ds, rows[model]["mean_over_rates"], True)) + " |")
+            if rows[model]["mean_over_subsets"]:
+                lines.append(f"| {model.upper()} | mean over kept subsets | "
+                             + " | ".join(_row(ds, rows[model]["mean_over_subsets"], True)) + " |")
+        lines.append("| constant (train median) | - | " + " | ".join(constant) + " |")
+        lines += ["", f"## MAE and Corr per missing rate, {desc}", "",
+                  "| r | " + " | ".join(f"{m.upper()} MAE | {m.upper()} Corr" for m in models)
+                  + " |", "|---|" + "---|---|" * len(models)]
+        for r in rows[models[0]]["per_rate"]:
+            cells = []
+            for m in models:
+                v = rows[m]["per_rate"][r]
+                cells += [_fmt("MAE", v["MAE"]["mean"]), _fmt("Corr", v["Corr"]["mean"])]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        subsets = list(rows[models[0]]["inter_modal"])
+        if subsets:
+            lines += ["", f"## MAE and Corr per kept-modality subset, {desc}", "",
+                      "| kept | " + " | ".join(f"{m.upper()} MAE | {m.upper()} Corr"
+                                               for m in models) + " |",
+                      "|---|" + "---|---|" * len(models)]
+            for sub in subsets:
+                cells = []
+                for m in models:
+                    v = rows[m]["inter_modal"][sub]
+                    cells += [_fmt("MAE", v["MAE"]["mean"]), _fmt("Corr", v["Corr"]["mean"])]
+                lines.append(f"| {{{','.join(sub)}}} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Constant predictor MAE: {_fmt('MAE', comparison['baselines']['constant']['MAE'])}"
+                 f"; Corr is undefined for it (NaN).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(per_model: dict, path: Path, label: str) -> None:
+    """All models' curves in one figure: metric vs missing rate, honest protocol solid and paper
+    protocol dashed, mean ± std over seeds, the constant predictor dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(per_model.values()))
+    ds = first["dataset"]
+    metrics = [m for _, ms in TABLE_COLUMNS[ds] for m in ms[:1]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes, metrics):
+        for color, (model, res) in zip(colors, per_model.items()):
+            for proto, style in (("honest", "-o"), ("paper", "--s")):
+                per_rate = res["protocols"][proto]["per_rate"]
+                rates = [float(r) for r in per_rate]
+                mean = np.array([per_rate[r][m]["mean"] for r in per_rate])
+                std = np.array([per_rate[r][m]["std"] for r in per_rate])
+                ax.plot(rates, mean, style, color=color, ms=3, label=f"{model.upper()} {proto}")
+                ax.fill_between(rates, mean - std, mean + std, color=color, alpha=0.15)
+        ax.axhline(first["baselines"]["constant"][m], color="gray", lw=0.8, ls=":",
+                   label="constant")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("missing rate r")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{ds.upper()} ({label} data): " + " vs ".join(m.upper() for m in per_model),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(metric: str, v: float) -> str:

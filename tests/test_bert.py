@@ -1,6 +1,7 @@
 """Tests for ease_jax.bert: shapes, parameter counts, a NumPy reference forward pass, checkpoint
 loading (round trip and errors), parity with PyTorch BERT on a real checkpoint, tokenisation."""
 
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -407,3 +408,77 @@ def test_tokenize_matches_mmsa_text_bert(shared_mosi_path):
     stored = test["text_bert"][rows].astype(np.int32)
     for i, key in enumerate(("input_ids", "attention_mask", "token_type_ids")):
         np.testing.assert_array_equal(out[key], stored[:, i])
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout (PROTOCOL.md section 5): the checkpoint's rates in training, none at evaluation
+
+
+def test_dropout_rates_come_from_the_checkpoint_config(tmp_path):
+    assert BertConfig().hidden_dropout_prob == BertConfig().attention_probs_dropout_prob == 0.1
+    cfg = BertConfig.from_dict({"hidden_dropout_prob": 0.25, "attention_probs_dropout_prob": 0.05})
+    assert (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) == (0.25, 0.05)
+    with pytest.raises(ValueError, match="hidden_dropout_prob"):
+        BertConfig(hidden_dropout_prob=1.0)
+    model, _ = load_bert(_minilm_dir())
+    assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.1
+
+
+def _ease_bert_outputs(bert_dropout, rngs, train):
+    """EASE in BERT mode with the tiny BERT: the incomplete and clean passes' text tokens and the
+    prediction, with random parameters (so that dropout visibly moves the outputs)."""
+    from helpers import TINY_MODEL, random_model_params
+
+    from ease_jax.config import ModelConfig
+    from ease_jax.models import dummy_inputs
+
+    cfg = ModelConfig(text_encoder="bert", text_len=7, text_dim=TINY.hidden_size, audio_len=3,
+                      audio_dim=2, vision_len=4, vision_dim=3, bert=TINY,
+                      bert_dropout=bert_dropout, n_views=0, **TINY_MODEL)
+    params = random_model_params(cfg, seed=0)
+    x = dummy_inputs(cfg, batch=2)
+    ids, mask, types = _tiny_inputs()
+    x.update(text_ids=ids, text_mask=mask, text_types=types,
+             audio=jnp.ones_like(x["audio"]), vision=jnp.ones_like(x["vision"]))
+    out = _ease_bert_fn(cfg, train)(params, x, rngs)
+    return {k: np.asarray(out[k]) for k in ("tokens", "pred") + (("clean_tokens",) if train else ())}
+
+
+@functools.lru_cache(maxsize=None)
+def _ease_bert_fn(cfg, train):
+    """One jitted EASE apply per (config, mode)."""
+    from ease_jax.models import build_model
+
+    model = build_model(cfg)
+
+    def apply(params, x, rngs):
+        clean = x if train else None
+        return model.apply({"params": params}, x, clean, train=train, rngs=rngs)
+
+    return jax.jit(apply)
+
+
+def test_bert_dropout_in_training_only():
+    k1, k2, noise = jax.random.key(1), jax.random.key(2), jax.random.key(3)
+    rngs = lambda k: {"dropout": k, "noise": noise, "views": noise}  # noqa: E731
+    # Default (None): the checkpoint's 0.1 in training; another dropout key moves the outputs.
+    a = _ease_bert_outputs(None, rngs(k1), train=True)
+    b = _ease_bert_outputs(None, rngs(k2), train=True)
+    assert np.abs(a["tokens"][0] - b["tokens"][0]).max() > 1e-3  # text tokens move
+    assert np.abs(a["pred"] - b["pred"]).max() > 1e-4
+    # The incomplete and the clean pass (same inputs here) draw independent masks.
+    assert np.abs(a["tokens"][0] - a["clean_tokens"][0]).max() > 1e-3
+    # Audio / vision have no dropout: identical across dropout keys.
+    np.testing.assert_array_equal(a["tokens"][1:], b["tokens"][1:])
+    # Rate 0 turns it off: outputs independent of the key, and the two passes agree.
+    c = _ease_bert_outputs(0.0, rngs(k1), train=True)
+    d = _ease_bert_outputs(0.0, rngs(k2), train=True)
+    for k in c:
+        np.testing.assert_array_equal(c[k], d[k])
+    np.testing.assert_array_equal(c["tokens"], c["clean_tokens"])
+    # Evaluation is deterministic: no key dependence, equal to the dropout-free training pass.
+    e = _ease_bert_outputs(None, rngs(k1), train=False)
+    f = _ease_bert_outputs(None, rngs(k2), train=False)
+    for k in e:
+        np.testing.assert_array_equal(e[k], f[k])
+    np.testing.assert_allclose(e["tokens"], c["tokens"], rtol=1e-6, atol=1e-6)

@@ -55,6 +55,7 @@ def make_state(seed: int, steps: int = 2) -> TrainState:
         opt_state=opt_state,
         anchors=anchors,
         rng=jax.random.key_data(jax.random.key(seed)),
+        mask_rng=jax.random.key_data(jax.random.key(seed + 1)),
     )
 
 

@@ -22,8 +22,10 @@ def test_one_ease_step_bert_base_full_mosi_shapes():
     cfg = model_config("ease", "mosi")  # BERT mode, bert-base-uncased dimensions
     tcfg = TrainConfig(lr=1e-5, warmup_epochs=0)  # non-zero lr so the update is real
     state = create_state(cfg, tcfg, seed=1111, steps_per_epoch=1)
-    step = jax.jit(make_train_step(cfg, LossConfig(), tcfg, steps_per_epoch=1, axis_name=None))
+    step = jax.jit(make_train_step(cfg, LossConfig(), tcfg, steps_per_epoch=1, n_train=64,
+                                   axis_name=None))
     batch = pad_batch({k: v for k, v in arrays.items() if k != "text_features"}, 64)
+    batch["index"] = np.arange(64, dtype=np.int32)
     new_state, metrics = step(state, batch, jax.random.key_data(jax.random.key(0)))
     metrics = jax.device_get(metrics)
     print({k: float(v) for k, v in metrics.items()})

@@ -81,6 +81,33 @@ def reference_eval_masks(split, rate, seed=1111):
     return out
 
 
+def protocol_eval_masks(split, rate, seed=1111):
+    """PROTOCOL.md section 2 written out with legacy NumPy, vectorised (independent of both the
+    library and the row-by-row `reference_eval_masks`): text, then audio, then vision, each after
+    its own `np.random.seed(seed)`."""
+    attention = np.asarray(split.text_mask)
+    n, L = attention.shape
+    np.random.seed(seed)
+    u = np.random.uniform(size=(n, L))
+    text = (u > rate) * attention
+    text[:, 0] = 1
+    text[np.arange(n), np.argmin(attention, axis=1) - 1] = 1
+    out = {"text": text.astype(bool)}
+    for m in ("audio", "vision"):
+        t_len = np.shape(getattr(split, m))[1]
+        np.random.seed(seed)
+        u = np.random.uniform(size=(n, t_len))
+        out[m] = ((u > rate) * (np.arange(t_len)[None, :] < np.asarray(
+            getattr(split, f"{m}_lengths"))[:, None])).astype(bool)
+    return out
+
+
+def assert_rng_state_equal(got, want):
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert tuple(got[2:]) == tuple(want[2:])
+
+
 def assert_masks_equal(got, want):
     assert set(got) == set(want)
     for k in want:
@@ -157,11 +184,55 @@ def test_eval_mask_properties(mosi_small):
     keep1 = eval_keep_masks(split, 1.0)
     np.testing.assert_array_equal(keep1["text"], forced)
     assert not keep1["audio"].any() and not keep1["vision"].any()
-    assert_masks_equal(eval_keep_masks(split, 0.4), eval_keep_masks(split, 0.4))
+    # Bit for bit against the protocol's own recipe (vectorised, legacy NumPy), and the global
+    # NumPy RNG state is exactly what it was before the call.
+    np.random.seed(2024)
+    np.random.uniform(size=3)  # some state that is neither fresh nor seeded 1111
+    before = np.random.get_state()
+    got = eval_keep_masks(split, 0.4)
+    assert_rng_state_equal(np.random.get_state(), before)
+    want = protocol_eval_masks(split, 0.4)
+    for m in ("text", "audio", "vision"):
+        assert got[m].dtype == bool, m
+        np.testing.assert_array_equal(got[m], want[m], err_msg=m)
     assert not np.array_equal(eval_keep_masks(split, 0.4, seed=1)["audio"],
                               eval_keep_masks(split, 0.4)["audio"])
     with pytest.raises(ValueError, match="rate"):
         eval_keep_masks(split, 1.5)
+
+
+# The first legacy-NumPy uniforms after np.random.seed(1111) (MT19937; NumPy keeps this stream
+# fixed): u[0, :5] and u[1, :5] of a (2, 5) draw. A (2, T) draw is the same stream row-major.
+U1111 = [0.0955492, 0.9250037, 0.34357342, 0.31047694, 0.00200984,
+         0.23559472, 0.23779172, 0.73591587, 0.49546808, 0.78442535]
+
+
+def test_eval_masks_tiny_case_by_hand():
+    """Individual values worked out by hand from U1111. Row 0 has padding (valid_len 3, [SEP] at
+    2); row 1 has none (argmin = 0, so index -1 = the last position is forced)."""
+    np.testing.assert_allclose(np.random.RandomState(1111).uniform(size=10), U1111, rtol=1e-7)
+    batch = {
+        "text_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32),
+        "audio": np.zeros((2, 3, 1), np.float32), "audio_lengths": np.array([3, 1]),
+        "vision": np.zeros((2, 4, 1), np.float32), "vision_lengths": np.array([2, 4]),
+    }
+    keep = eval_keep_masks(batch, 0.3)
+    assert set(keep) == {"text", "audio", "vision"}
+    # text u: [.096 .925 .344 .310 .002] / [.236 .238 .736 .495 .784]; position 3 of row 0 has
+    # u = .310 > .3 but is padding; [CLS] (u = .096, .236) forced; row 1 drops only position 1.
+    np.testing.assert_array_equal(keep["text"], [[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]])
+    # audio reseeds: u = [.096 .925 .344] / [.310 .002 .236]; row 1 has 1 frame (u .310 > .3).
+    np.testing.assert_array_equal(keep["audio"], [[0, 1, 1], [1, 0, 0]])
+    # vision reseeds: u = [.096 .925 .344 .310] / [.002 .236 .238 .736]; row 0 has 2 frames.
+    np.testing.assert_array_equal(keep["vision"], [[0, 1, 0, 0], [0, 0, 0, 1]])
+    # At 0.8 only position 1 of row 0 (u .925) survives the draw; row 1's last position (u .784)
+    # is kept only because it is the forced last token of a row without padding.
+    keep = eval_keep_masks(batch, 0.8)
+    np.testing.assert_array_equal(keep["text"], [[1, 1, 1, 0, 0], [1, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(keep["audio"], [[0, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(keep["vision"], [[0, 1, 0, 0], [0, 0, 0, 0]])
+    for k in keep.values():
+        assert k.dtype == bool
 
 
 def test_eval_masks_utterance_features(real_mosi):
@@ -259,6 +330,15 @@ def test_apply_eval_masks_on_split(mosi_small):
     assert abs(float(jnp.mean(out["missing_rate"][:, 1])) - 0.5) < 0.05
 
 
+def test_features_mode_padding_is_not_missing(mosi_small):
+    """Section 7: r_m = dropped valid positions / valid positions, so at rate 0 nothing is
+    missing: with per-token features (L_f == L) the padding rows are not valid positions."""
+    assert not np.all(mosi_small.text_mask == 1)  # the split has padded rows
+    out = apply_keep_masks(mosi_small.arrays(), eval_keep_masks(mosi_small, 0.0),
+                           text_mode="features")
+    np.testing.assert_array_equal(np.asarray(out["missing_rate"]), 0.0)
+
+
 # --------------------------------------------------------------------------- inter-modal
 
 
@@ -273,13 +353,13 @@ def test_inter_modal_masks(mosi_small, present):
         np.testing.assert_array_equal(keep[m], valid[m] if m in here else np.zeros_like(valid[m]))
     if "text" in here:
         np.testing.assert_array_equal(keep["text"], valid["text"])
-        assert keep["text_features"].all()
     else:
         np.testing.assert_array_equal(keep["text"], forced_text(split))
-        assert not keep["text_features"].any()
+    # per-token features (L_f == L) follow the token mask, as the eval masks do
+    np.testing.assert_array_equal(keep["text_features"], keep["text"])
     # same as the eval masks at rate 0 (present) / 1 (absent) per modality
-    for m in ("text", "audio", "vision"):
-        ref = eval_keep_masks(split, 0.0 if m in here else 1.0)[m]
+    for m in ("text", "text_features", "audio", "vision"):
+        ref = eval_keep_masks(split, 0.0 if m.split("_")[0] in here else 1.0)[m]
         np.testing.assert_array_equal(keep[m], ref)
     out = apply_keep_masks(split.arrays(), keep)
     rate = np.asarray(out["missing_rate"])
@@ -383,7 +463,7 @@ def jit_train(key, batch, text_mode="bert"):
     return train_keep_masks(key, batch, text_mode=text_mode), rates
 
 
-def test_train_rates_exactly_half_zero(mosi_small):
+def test_train_rates_exactly_half_of_the_split_zero(mosi_small):
     batch = mosi_small.arrays()
     n = mosi_small.n  # odd: floor(47 / 2) = 23
     zero_sets = []
@@ -443,6 +523,37 @@ def test_train_keep_masks(mosi_small):
     kept = [np.asarray(jit_train(k, batch)[0]["vision"])[valid["vision"]].mean()
             for k in jax.random.split(jax.random.key(7), 6)]
     assert abs(np.mean(kept) - 0.75) < 0.05, kept
+
+
+def test_train_masks_are_per_sample_over_the_split(mosi_small):
+    """Section 2: the rate halving is over the whole split and a sample's masks depend only on
+    (key, its index, N): any batch holding sample i, in any order, with padding rows or not,
+    gives it the masks it gets in the whole-split draw."""
+    arrays = mosi_small.arrays()
+    n = mosi_small.n
+    key = jax.random.key(5)
+    whole = {m: np.asarray(v) for m, v in train_keep_masks(key, arrays).items()}
+    rates = {m: np.asarray(r) for m, r in train_missing_rates(key, n).items()}
+    for m in MODALITIES:
+        assert np.sum(rates[m] == 0) == n // 2  # int(N / 2) over the split, not per batch
+    rows = np.array([40, 3, 17, 3, 0, 46], np.int32)  # shuffled, a repeat (as padding reuses 0)
+    batch = {k: v[rows] for k, v in arrays.items()} | {"index": rows}
+    part = train_keep_masks(key, batch, n_split=n)
+    for m, v in part.items():
+        np.testing.assert_array_equal(np.asarray(v), whole[m][rows], err_msg=m)
+    # A batch of the first rows alone keeps their masks too: halving did not happen in the batch.
+    first = {k: v[:8] for k, v in arrays.items()} | {"index": np.arange(8, dtype=np.int32)}
+    for m, v in train_keep_masks(key, first, n_split=n).items():
+        np.testing.assert_array_equal(np.asarray(v), whole[m][:8], err_msg=m)
+    # The split size matters (the permutation is over N), so it must be given with an index.
+    with pytest.raises(ValueError, match="n_split"):
+        train_keep_masks(key, batch)
+    with pytest.raises(ValueError, match="n_split"):
+        train_keep_masks(key, {k: v[:8] for k, v in arrays.items()}, n_split=n)
+    # Rows at rate 0 keep every valid position, the others drop about their rate.
+    valid = np_valid(mosi_small)
+    for m in ("audio", "vision"):
+        np.testing.assert_array_equal(whole[m][rates[m] == 0], valid[m][rates[m] == 0])
 
 
 def test_train_keep_masks_utterance_features(real_mosi):

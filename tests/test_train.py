@@ -31,6 +31,7 @@ from ease_jax import evaluate as E
 from ease_jax import train as T
 from ease_jax.anchors import init_anchors
 from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+from ease_jax.data.missing import train_keep_masks, train_missing_rates
 from ease_jax.data.mmsa import from_raw
 from ease_jax.data.synthetic import synthetic
 from ease_jax.evaluate import PAPER_SELECTION, RATES
@@ -83,6 +84,13 @@ def assert_trees_close(a, b, atol=0.0, rtol=0.0):
         np.testing.assert_allclose(x, y, atol=atol, rtol=rtol)
 
 
+def tree_l2(a, b):
+    """Euclidean norm of a - b over every leaf of two trees."""
+    return math.sqrt(sum(
+        float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+        for x, y in zip(jax.tree_util.tree_leaves(host(a)), jax.tree_util.tree_leaves(host(b)))))
+
+
 def max_abs_diff(a, b):
     return max(
         float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
@@ -96,15 +104,16 @@ def max_abs_diff(a, b):
 
 @pytest.mark.parametrize(
     "epoch, expected",
-    [
+    [  # Released GradualWarmupScheduler(total_epoch=20) + CosineAnnealingLR(T_max=180), base 1e-5.
         (0, 0.0),  # epoch 1 (0-based 0) runs at lr 0
-        (1, 1e-5 / 20),
-        (10, 0.5e-5),
-        (19, 0.95e-5),
-        (20, 1e-5),  # end of the warm-up: the base lr
-        (110, 0.5e-5),  # half-way through the 180 cosine epochs
-        (199, 0.5e-5 * (1 - math.cos(math.pi / 180))),  # last epoch: ~0 (7.6e-10)
-        (200, 0.0),
+        (1, 5e-7),  # 1e-5 * 1 / 20
+        (10, 5e-6),
+        (19, 9.5e-6),
+        (20, 1e-5),  # end of the warm-up: the base lr ...
+        (21, 1e-5),  # ... and once more: the cosine starts at (e - 21) = 0
+        (22, 9.99923848e-6),  # 0.5e-5 * (1 + cos(pi / 180))
+        (111, 5e-6),  # (111 - 21) / 180 = 1/2: half the base lr
+        (199, 3.04586490e-9),  # 0.5e-5 * (1 + cos(178 pi / 180)) = 3.05e-4 * base
         (250, 0.0),  # clipped after the end
     ],
 )
@@ -120,6 +129,7 @@ def test_epoch_lr_vectorised_and_monotone():
     assert np.all(np.diff(lr[:21]) > 0)  # strictly rising warm-up, up to epoch 20
     assert np.all(np.diff(lr[20:]) <= 0)  # cosine never rises
     assert lr.max() == pytest.approx(1e-4, rel=1e-6) and int(np.argmax(lr)) == 20
+    assert lr[21] == lr[20]  # 1-based epochs 21 and 22 both at the base lr
     # Without warm-up the first epoch already runs at the base lr.
     assert float(T.epoch_lr(0, 1e-3, 0, 10)) == pytest.approx(1e-3, rel=1e-6)
 
@@ -545,7 +555,7 @@ def tiny():
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_epochs=0, seeds=(1111,))
     run = RunConfig(dataset="mosi", model=mcfg, loss=LossConfig(), train=tcfg)
     spe = T.steps_per_epoch(data.train.n, tcfg.batch_size)
-    base = T.make_train_step(mcfg, run.loss, tcfg, spe)
+    base = T.make_train_step(mcfg, run.loss, tcfg, spe, data.train.n)
     arrays = T._model_arrays(data.train, mcfg)
     # 7 real rows padded to 8: on 4 devices the last one holds 1 real row and 1 padding row.
     batches = [b for b in T.epoch_batches(arrays, 7, 0, 0)][:3]
@@ -562,17 +572,17 @@ def tiny():
         # pmap caches its compilation per function: every pmap user (fit_seed included) shares
         # `steps["pmap"]`; shard_map compiles per ParallelStep anyway.
         steps={"pmap": counted(base), "shard_map": counted(base)},
-        step_key=(mcfg, run.loss, tcfg, spe),
+        step_key=(mcfg, run.loss, tcfg, spe, data.train.n),
         predict_cache={},
     )
 
 
-def run_steps(tiny, mode, n, batches=None, state=None, step=None):
+def run_steps(tiny, mode, n, batches=None, state=None, step=None, pad_to=8):
     par = T.ParallelStep(step or tiny.steps[mode], mode, devices=jax.devices()[:n])
     st = par.put_state(tiny.state0 if state is None else state)
     metrics = []
     for b, rng in zip(batches or tiny.batches, tiny.rngs):
-        st, m = par(st, par.put_batch(T.pad_batch(b, T.global_batch_size(8, n))), rng)
+        st, m = par(st, par.put_batch(T.pad_batch(b, T.global_batch_size(pad_to, n))), rng)
         metrics.append(par.metrics(m))
     return host(par.get_state(st)), host(metrics)
 
@@ -596,6 +606,70 @@ def test_ease_step_pmap_equals_shard_map(tiny, ease_runs):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
         assert float(a["nonfinite"]) == 0.0
         assert float(a["lr"]) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_step_does_not_depend_on_the_device_count_or_the_padding(tiny, ease_runs):
+    """Masks, imputation noise and subset views are drawn per sample (keyed by its index in the
+    split; section 2), so 3 steps on 1, 2 or 4 devices, with 1 or 5 padding rows, end with the
+    same parameters (up to float summation order)."""
+    ref_state, ref_metrics = ease_runs["pmap"]  # 4 devices, 7 rows + 1 padding row
+    for n, pad_to in ((1, 8), (2, 8), (4, 12)):
+        state, metrics = run_steps(tiny, "shard_map", n, pad_to=pad_to)
+        # The first step's loss terms see identical masks, noise and views: equal to float
+        # rounding (a per-device draw changes them by orders of magnitude more).
+        for k in metrics[0]:
+            np.testing.assert_allclose(metrics[0][k], ref_metrics[0][k], rtol=1e-5, atol=1e-6,
+                                       err_msg=k)
+        # After 3 AdamW steps: Adam divides by sqrt(v), so on entries whose gradient is ~0 the
+        # summation order alone can flip an update of size lr; compare the trajectories as a
+        # whole (a per-device draw moves every parameter: a difference of the order of the step).
+        assert tree_l2(state.params, ref_state.params) < 0.02 * tree_l2(ref_state.params,
+                                                                         tiny.state0.params)
+        assert_trees_close(state.anchors, ref_state.anchors, atol=1e-5, rtol=1e-5)
+        for a, b in zip(metrics, ref_metrics):
+            for k in a:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_step_feeds_the_model_the_observed_missing_fraction(tiny, monkeypatch):
+    """The model (EASE's gate, LNLN's completeness target) reads the OBSERVED missing fraction of
+    this step's training masks (dropped valid positions / valid positions, recomputed here in
+    NumPy from the masks of the step's epoch key), not the drawn rate r."""
+    recorded = []
+
+    class Recording:
+        def __init__(self, model):
+            self.model = model
+
+        def apply(self, variables, inputs, *args, **kwargs):
+            jax.debug.callback(lambda r, i: recorded.append((np.asarray(r), np.asarray(i))),
+                               inputs["missing_rate"], inputs["index"])
+            return self.model.apply(variables, inputs, *args, **kwargs)
+
+    real_build = T.build_model
+    monkeypatch.setattr(T, "build_model", lambda cfg: Recording(real_build(cfg)))
+    n = tiny.data.train.n
+    step = jax.jit(T.make_train_step(tiny.mcfg, LossConfig(), tiny.tcfg, tiny.spe, n,
+                                     axis_name=None))
+    state = tiny.state0.replace(step=jnp.asarray(tiny.spe, jnp.int32))  # epoch 1's masks
+    batch = T.pad_batch(tiny.batches[1], 8)
+    jax.block_until_ready(step(state, batch, tiny.rngs[0]))
+    (rate, index), = recorded
+    np.testing.assert_array_equal(index, batch["index"])
+    key = T.epoch_mask_key(tiny.state0.mask_rng, 1)
+    keep = {m: np.asarray(v) for m, v in
+            train_keep_masks(key, batch, n_split=n, text_mode="features").items()}
+    drawn = {m: np.asarray(r)[batch["index"]] for m, r in train_missing_rates(key, n).items()}
+    t_len = batch["audio"].shape[1]
+    valid = {"text_features": batch["text_mask"] != 0,  # per-token features: L_f == L
+             "audio": np.arange(t_len)[None] < batch["audio_lengths"][:, None],
+             "vision": np.arange(batch["vision"].shape[1])[None] < batch["vision_lengths"][:, None]}
+    for j, m in enumerate(("text_features", "audio", "vision")):
+        v, k = valid[m], keep[m]
+        observed = (v & ~k).sum(1) / np.maximum(v.sum(1), 1)
+        np.testing.assert_allclose(rate[:, j], observed, rtol=1e-6, atol=1e-7, err_msg=m)
+    # ... which is not the drawn rate (only rows at r = 0, or whose draws happen to match, agree).
+    assert np.abs(rate[:7, 1] - drawn["audio"][:7]).max() > 0.05
 
 
 def test_ease_step_traced_once_per_mode(tiny, ease_runs):
@@ -655,7 +729,7 @@ def test_step_flags_a_nan_label(tiny, ease_runs):
 def test_step_pmap_equals_shard_map_on_n_devices(tiny, model, n):
     mcfg = tiny.mcfg if model == "ease" else tiny_model("lnln", tiny.data)
     tcfg = dataclasses.replace(tiny.tcfg, lr=1e-2)
-    base = T.make_train_step(mcfg, LossConfig(), tcfg, tiny.spe)
+    base = T.make_train_step(mcfg, LossConfig(), tcfg, tiny.spe, tiny.data.train.n)
     state0 = host(T.create_state(mcfg, tcfg, 0, tiny.spe))
     local = SimpleNamespace(**{**vars(tiny), "state0": state0})
     runs = {mode: run_steps(local, mode, n, step=counted(base)) for mode in ("pmap", "shard_map")}
@@ -679,10 +753,10 @@ def patch_fit(mp, tiny):
     this only changes speed)."""
     make_step, make_predict = T.make_train_step, E.make_predict_fn
 
-    def memo_step(mcfg, loss_cfg, train_cfg, spe, axis_name=T.AXIS):
-        if (mcfg, loss_cfg, train_cfg, spe) == tiny.step_key and axis_name == T.AXIS:
+    def memo_step(mcfg, loss_cfg, train_cfg, spe, n_train, axis_name=T.AXIS):
+        if (mcfg, loss_cfg, train_cfg, spe, n_train) == tiny.step_key and axis_name == T.AXIS:
             return tiny.steps["pmap"]
-        return make_step(mcfg, loss_cfg, train_cfg, spe, axis_name)
+        return make_step(mcfg, loss_cfg, train_cfg, spe, n_train, axis_name)
 
     def memo_predict(cfg):
         if cfg not in tiny.predict_cache:

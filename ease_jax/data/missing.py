@@ -11,7 +11,8 @@ Mask makers:
 * :func:`eval_keep_masks` -- the reference evaluation masks, bit for bit (legacy NumPy seeding).
 * :func:`inter_modal_keep_masks` -- whole modalities present / absent (the six subsets).
 * :func:`burst_keep_masks` -- temporally correlated missingness (two-state Markov chain).
-* :func:`train_keep_masks` -- the training protocol, in JAX, redrawn from a PRNG key every step.
+* :func:`train_keep_masks` -- the training protocol, in JAX: rates halved over the whole split,
+  redrawn from a PRNG key every epoch, per-sample noise.
 
 :func:`apply_keep_masks` turns a batch (canonical keys of :meth:`ease_jax.data.mmsa.Split.arrays`)
 and keep masks into the incomplete batch the models see, plus the observed per-sample missing rate.
@@ -179,9 +180,10 @@ def inter_modal_keep_masks(split: Any, present: str | Iterable[str]) -> dict[str
 
     ``present`` is one of ``INTER_MODAL_SUBSETS`` ("l", "a", "v", "la", "lv", "av"; l = language)
     or an iterable of modality names. Present modalities keep every valid position; absent text
-    keeps only [CLS] and the last valid token (all other tokens become [UNK]); absent text features
-    and absent audio / vision are dropped entirely. Equals :func:`eval_keep_masks` at rate 0 /
-    rate 1 per modality (no random draw is needed).
+    keeps only [CLS] and the last valid token (all other tokens become [UNK]); absent per-token
+    text features (L_f == L) keep the same two rows, other absent text features and absent
+    audio / vision are dropped entirely. Equals :func:`eval_keep_masks` at rate 0 / rate 1 per
+    modality (no random draw is needed).
     """
     names = _parse_present(present)
     arrays = _host_arrays(split)
@@ -191,7 +193,10 @@ def inter_modal_keep_masks(split: Any, present: str | Iterable[str]) -> dict[str
     out = {"text": _np_force_text_ends(keep_text, attention)}
     fshape = _features_shape(arrays)
     if fshape is not None:
-        out["text_features"] = np.full(fshape, text_present)
+        # As eval_keep_masks at rate 0 / 1: per-token features (L_f == L) follow the token mask
+        # ([CLS] / [SEP] rows kept), other features are all kept or all dropped.
+        same_len = fshape[1] == attention.shape[1]
+        out["text_features"] = out["text"].copy() if same_len else np.full(fshape, text_present)
     for m in ("audio", "vision"):
         valid = _np_frame_valid(arrays, m)
         out[m] = valid.copy() if m in names else np.zeros(valid.shape, bool)
@@ -293,13 +298,14 @@ def valid_masks(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Bool validity per modality: the positions that can be dropped (jnp; jit-able).
 
     ``text`` (N, L) = attention mask, ``audio`` / ``vision`` (N, T) = ``t < length``,
-    ``text_features`` (N, L_f) all True when present. Missing inputs are skipped.
+    ``text_features`` (N, L_f) = the attention mask for per-token features (L_f == L), all True
+    otherwise. Missing inputs are skipped.
     """
     out: dict[str, jax.Array] = {}
     if "text_mask" in batch:
         out["text"] = jnp.asarray(batch["text_mask"]) != 0
     if batch.get("text_features") is not None:
-        out["text_features"] = jnp.ones(jnp.shape(batch["text_features"])[:2], bool)
+        out["text_features"] = _features_valid(batch)
     for m in ("audio", "vision"):
         if m in batch and f"{m}_lengths" in batch:
             out[m] = _lengths_valid(batch[f"{m}_lengths"], jnp.shape(batch[m])[1])
@@ -310,6 +316,17 @@ def _dropped_fraction(valid: jax.Array, keep: jax.Array) -> jax.Array:
     n_valid = jnp.sum(valid, axis=1)
     n_dropped = jnp.sum(valid & ~keep, axis=1)
     return jnp.where(n_valid > 0, n_dropped / jnp.maximum(n_valid, 1), 0.0).astype(jnp.float32)
+
+
+def _features_valid(x: Mapping[str, Any]) -> jax.Array:
+    """Valid rows of the text features: per-token features (L_f == L) are valid where the text
+    attention mask is (padding rows are not "missing"); other features (e.g. one utterance-level
+    row) are always valid."""
+    shape = jnp.shape(x["text_features"])[:2]
+    mask = x.get("text_mask")
+    if mask is not None and jnp.shape(mask) == shape:
+        return jnp.asarray(mask) != 0
+    return jnp.ones(shape, bool)
 
 
 def _check_mask(name: str, keep: Any, shape: tuple[int, ...]) -> None:
@@ -325,7 +342,7 @@ def _apply_core(x: dict[str, Any], keep: dict[str, Any], text_mode: str) -> dict
         feats = x["text_features"]
         k = keep["text_features"].astype(bool)
         out["text_features"] = feats * k[:, :, None].astype(feats.dtype)
-        feat_rate = _dropped_fraction(jnp.ones(k.shape, bool), k)
+        feat_rate = _dropped_fraction(_features_valid(x), k)
     if "text_ids" in x:
         ids = x["text_ids"]
         valid = x["text_mask"] != 0
@@ -350,8 +367,8 @@ def apply_keep_masks(batch: Mapping[str, Any], keep: Mapping[str, Any], *,
     * ``text_features``: rows not kept -> 0.
     * ``missing_rate`` (N, 3) float32, [text, audio, vision]: dropped valid positions / valid
       positions (0 for a sequence without valid positions). Text uses the attention mask and
-      ``keep["text"]`` in ``text_mode="bert"``, all L_f rows and ``keep["text_features"]`` in
-      ``text_mode="features"``.
+      ``keep["text"]`` in ``text_mode="bert"``, the valid feature rows (the attention mask when
+      L_f == L, else all L_f rows) and ``keep["text_features"]`` in ``text_mode="features"``.
 
     Text ids are replaced whenever ``batch`` has ``text_ids`` and ``keep`` has ``"text"``, text
     features whenever both sides have ``"text_features"``, whatever ``text_mode``. Keys not
@@ -365,6 +382,8 @@ def apply_keep_masks(batch: Mapping[str, Any], keep: Mapping[str, Any], *,
     if batch.get("text_features") is not None and "text_features" in keep:
         x["text_features"] = batch["text_features"]
         k["text_features"] = keep["text_features"]
+        if "text_mask" in batch:
+            x["text_mask"] = batch["text_mask"]
         _check_mask("text_features", k["text_features"], jnp.shape(x["text_features"])[:2])
     elif text_mode == "features":
         raise ValueError("keep: text_mode='features' needs batch['text_features'] and "
@@ -401,26 +420,33 @@ def _per_modality_uniform(key: jax.Array, n_modalities: int, shape: tuple[int, .
     return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
 
 
-@partial(jax.jit, static_argnames=("batch_size", "n_modalities"))
-def _rates_core(key: jax.Array, batch_size: int, n_modalities: int) -> jax.Array:
-    u = _per_modality_uniform(key, n_modalities, (2, batch_size), 0)
+@partial(jax.jit, static_argnames=("n_split", "n_modalities"))
+def _rates_core(key: jax.Array, n_split: int, n_modalities: int) -> jax.Array:
+    u = _per_modality_uniform(key, n_modalities, (2, n_split), 0)
     # Rank of a second uniform = a uniformly random permutation (argsort is stable, so exactly
-    # floor(B/2) ranks fall below B // 2 even with ties). Cheaper to compile than
+    # floor(N/2) ranks fall below N // 2 even with ties). Cheaper to compile than
     # jax.random.permutation + scatter.
     rank = jnp.argsort(jnp.argsort(u[:, 1], axis=1), axis=1)
-    return jnp.where(rank < batch_size // 2, 0.0, u[:, 0])
+    return jnp.where(rank < n_split // 2, 0.0, u[:, 0])
 
 
-def train_missing_rates(key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
-    """Per-sample training missing rates (B,) for "text", "audio", "vision".
+def train_missing_rates(key: jax.Array, n_split: int) -> dict[str, jax.Array]:
+    """Training missing rates (N,) of every sample of the training split, for "text", "audio",
+    "vision" (PROTOCOL.md section 2, the released `generate_m`).
 
-    r ~ U(0, 1) per sample, then exactly ``batch_size // 2`` samples (a uniformly random subset,
-    drawn independently per modality) get r = 0. Modality i draws from the first half of
-    ``split(fold_in(key, i))``; :func:`train_keep_masks` uses the same derivation (and the second
-    half for its position noise), so the two agree for the same key.
+    r ~ U(0, 1) per sample, then exactly ``int(N / 2)`` samples of the WHOLE split (a uniformly
+    random subset, drawn independently per modality) get r = 0. Modality i draws from the first
+    half of ``split(fold_in(key, i))``; :func:`train_keep_masks` uses the same derivation, so the
+    two agree for the same key. Redraw per epoch by folding the epoch into ``key``.
     """
-    rates = _rates_core(key, int(batch_size), len(MODALITIES))
+    rates = _rates_core(key, int(n_split), len(MODALITIES))
     return {m: rates[i] for i, m in enumerate(MODALITIES)}
+
+
+def _per_sample_uniform(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[B, *shape] uniforms, row b from ``fold_in(key, index[b])``: a sample's noise depends on
+    which sample it is, not on the batch (or device) it lands in."""
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), shape))(index)
 
 
 def _jnp_force_text_ends(keep: jax.Array, attention: jax.Array) -> jax.Array:
@@ -430,15 +456,17 @@ def _jnp_force_text_ends(keep: jax.Array, attention: jax.Array) -> jax.Array:
     return keep.at[jnp.arange(b), last].set(True)
 
 
-@partial(jax.jit, static_argnames=("t_audio", "t_vision", "l_feat"))
-def _train_core(key: jax.Array, text_mask: jax.Array, audio_lengths: jax.Array,
-                vision_lengths: jax.Array, t_audio: int, t_vision: int,
+@partial(jax.jit, static_argnames=("n_split", "t_audio", "t_vision", "l_feat"))
+def _train_core(key: jax.Array, index: jax.Array, text_mask: jax.Array, audio_lengths: jax.Array,
+                vision_lengths: jax.Array, n_split: int, t_audio: int, t_vision: int,
                 l_feat: int | None) -> dict[str, jax.Array]:
-    b, l_len = text_mask.shape
-    rates = _rates_core(key, b, len(MODALITIES))
-    # Position noise for the three modalities in one vmapped draw, padded to the longest axis.
+    l_len = text_mask.shape[1]
+    rates = _rates_core(key, n_split, len(MODALITIES))[:, index]  # [3, B]
+    # Position noise per sample and modality, from the modality's key folded with the sample's
+    # index, padded to the longest axis (one vmapped draw: compile time dominates on CPU).
     t_max = max(l_len, t_audio, t_vision)
-    u = _per_modality_uniform(key, len(MODALITIES), (b, t_max), 1)
+    pos_keys = jax.vmap(lambda i: _modality_keys(key, i)[1])(jnp.arange(len(MODALITIES)))
+    u = jax.vmap(lambda k: _per_sample_uniform(k, index, (t_max,)))(pos_keys)  # [3, B, t_max]
     valid = (text_mask != 0, _lengths_valid(audio_lengths, t_audio),
              _lengths_valid(vision_lengths, t_vision))
     keep = [(u[i, :, : v.shape[1]] > rates[i][:, None]) & v for i, v in enumerate(valid)]
@@ -448,32 +476,47 @@ def _train_core(key: jax.Array, text_mask: jax.Array, audio_lengths: jax.Array,
         if l_feat == l_len:
             out["text_features"] = keep_text
         else:
-            u_feat = jax.random.uniform(jax.random.fold_in(key, len(MODALITIES)), (b, l_feat))
+            u_feat = _per_sample_uniform(jax.random.fold_in(key, len(MODALITIES)), index, (l_feat,))
             out["text_features"] = u_feat > rates[0][:, None]
     out["audio"], out["vision"] = keep[1], keep[2]
     return out
 
 
-def train_keep_masks(key: jax.Array, batch: Mapping[str, Any], *,
+def train_keep_masks(key: jax.Array, batch: Mapping[str, Any], *, n_split: int | None = None,
                      text_mode: str = "bert") -> dict[str, jax.Array]:
-    """Training keep masks (LNLN protocol, redrawn from ``key`` every step; jit-able).
+    """Training keep masks (LNLN protocol; jit-able) of the batch's rows of a training split.
 
-    Per sample and modality a rate r from :func:`train_missing_rates` (r ~ U(0, 1), exactly
-    floor(B/2) samples with r = 0); ``keep = (u > r) & valid`` with fresh u ~ U(0, 1) per
-    position from the modality's own sub-key. Text also keeps [CLS] and the last valid token.
-    Text features (when present) share the text rate r (one "language" modality) with their own
-    noise (``fold_in(key, 3)``) over the L_f rows, or reuse the text mask when L_f == L, mirroring
+    ``batch["index"]`` [B] int gives each row's position in the training split of ``n_split``
+    samples (without it the batch is the whole split: index = 0 .. B - 1, n_split = B). The rate
+    of sample i is row i of :func:`train_missing_rates` ``(key, n_split)`` (r ~ U(0, 1), exactly
+    ``int(N / 2)`` samples of the split at r = 0 per modality); ``keep = (u > r) & valid`` with
+    u ~ U(0, 1) per position drawn from the modality's sub-key folded with i. So a sample's masks
+    depend only on (key, i, n_split): not on the batch size, the batch order, padding rows or the
+    number of devices. Text also keeps [CLS] and the last valid token. Text features (when
+    present) share the text rate r (one "language" modality) with their own noise
+    (``fold_in(key, 3)``) over the L_f rows, or reuse the text mask when L_f == L, mirroring
     :func:`eval_keep_masks`. ``text_mode`` only checks that the inputs that mode needs are
-    present. Reads ``text_mask``, the lengths and the shapes of ``audio`` / ``vision`` /
-    ``text_features``.
+    present. Reads ``index``, ``text_mask``, the lengths and the shapes of ``audio`` / ``vision``
+    / ``text_features``. Pass the same ``key`` to every batch of an epoch (fold in the epoch).
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode: expected one of {TEXT_MODES}, got {text_mode!r}")
     has_features = batch.get("text_features") is not None
     if text_mode == "features" and not has_features:
         raise ValueError("batch: text_mode='features' needs batch['text_features']")
+    b = int(jnp.shape(batch["text_mask"])[0])
+    if "index" in batch:
+        if n_split is None:
+            raise ValueError("n_split: batch['index'] given, so the split size is needed too")
+        index = jnp.asarray(batch["index"], jnp.int32)
+    else:
+        index, n_split = jnp.arange(b, dtype=jnp.int32), b if n_split is None else n_split
+        if n_split != b:
+            raise ValueError(f"n_split={n_split} but the batch has {b} rows and no 'index'")
+    if int(n_split) < 1:
+        raise ValueError(f"n_split: expected a split size >= 1, got {n_split}")
     l_feat = int(jnp.shape(batch["text_features"])[1]) if has_features else None
-    return _train_core(key, jnp.asarray(batch["text_mask"]),
+    return _train_core(key, index, jnp.asarray(batch["text_mask"]),
                        jnp.asarray(batch["audio_lengths"]), jnp.asarray(batch["vision_lengths"]),
-                       t_audio=int(jnp.shape(batch["audio"])[1]),
+                       n_split=int(n_split), t_audio=int(jnp.shape(batch["audio"])[1]),
                        t_vision=int(jnp.shape(batch["vision"])[1]), l_feat=l_feat)

@@ -36,7 +36,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, batch: int = 2) -> dict:
     """Freshly initialised parameters of the model `cfg` describes."""
     inputs = dummy_inputs(cfg, batch)
     k_params, k_noise, k_views = jax.random.split(key, 3)
-    rngs = {"params": k_params, "noise": k_noise, "views": k_views}
+    rngs = {"params": k_params, "noise": k_noise, "views": k_views,
+            "dropout": jax.random.fold_in(k_noise, 1)}
     return build_model(cfg).init(rngs, inputs, inputs, train=True)["params"]
 
 

@@ -39,19 +39,21 @@ class MultimodalEncoder(nn.Module):
     """Text (BERT or feature projection), audio and vision encoders -> tokens [3, B, K, d].
 
     BERT mode: BERT's last hidden state [B, L, H] is the text sequence fed to Linear(H -> d);
-    features mode: the precomputed text features are. BERT is fine-tuned (no stop-gradient).
+    features mode: the precomputed text features are. BERT is fine-tuned (no stop-gradient) and,
+    with `train`, runs with its config's dropout (rng stream "dropout"; section 5).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs: dict) -> jax.Array:
+    def __call__(self, inputs: dict, train: bool = False) -> jax.Array:
         cfg = self.cfg
         if cfg.text_encoder == "bert":
             from ease_jax.bert import BertModel  # imported lazily: features mode needs no BERT
 
             text = BertModel(cfg.bert_config(), name="bert")(
-                inputs["text_ids"], inputs["text_mask"], inputs["text_types"]
+                inputs["text_ids"], inputs["text_mask"], inputs["text_types"],
+                deterministic=not train,
             )
         else:
             text = inputs["text_features"]
@@ -63,15 +65,16 @@ class MultimodalEncoder(nn.Module):
         return jnp.stack([h_l, h_a, h_v])
 
 
-def encode(encoder: MultimodalEncoder, inputs: dict, clean: dict | None):
+def encode(encoder: MultimodalEncoder, inputs: dict, clean: dict | None, train: bool = False):
     """Run the encoders on the incomplete inputs and, when given, the clean ones in ONE call.
 
     Returns (h [3, B, K, d], c [3, B, K, d] or None). The clean pass is not detached (section 6).
+    In one call the two passes still draw independent BERT dropout masks (one draw over 2B rows).
     """
     keys = ENCODER_KEYS[encoder.cfg.text_encoder]
     x = encoder_inputs(inputs, encoder.cfg.text_encoder)
     if clean is None:
-        return encoder(x), None
+        return encoder(x, train), None
     b = x[keys[-1]].shape[0]
-    both = encoder(concat_batches(x, encoder_inputs(clean, encoder.cfg.text_encoder)))
+    both = encoder(concat_batches(x, encoder_inputs(clean, encoder.cfg.text_encoder)), train)
     return both[:, :b], both[:, b:]

@@ -10,8 +10,11 @@ plus the cross-view consistency views used in training.
   gate [3, B]              w * (1 - r_m), the weight of the observed tokens
   fused [3, B, K, d]       w h_m + (1 - w) z_hat_m
   view_preds [V, B], view_keep [V, B, 3]  subset views (train with V = cfg.n_views > 0)
-RNG streams: "noise" (imputation samples; training, or evaluation with `sample_at_eval`) and
-"views" (which modalities a subset view keeps).
+RNG streams: "noise" (imputation samples; training, or evaluation with `sample_at_eval`),
+"views" (which modalities a subset view keeps) and, in BERT mode during training, "dropout".
+When `inputs` has `index` [B] (the rows' positions in the training split, as the train step
+passes), noise and views are drawn per sample from the stream's key folded with the index, so
+they do not depend on the batch composition or the number of devices.
 """
 
 from __future__ import annotations
@@ -28,13 +31,33 @@ from ease_jax.models.common import MultimodalEncoder, encode
 SOURCES = ((1, 2), (0, 2), (0, 1))
 
 
-def view_keep_flags(key: jax.Array, n_views: int, batch: int, keep_prob: float) -> jax.Array:
+def view_keep_flags(key: jax.Array, n_views: int, batch: int, keep_prob: float,
+                    index: jax.Array | None = None) -> jax.Array:
     """Subset views' keep flags [V, B, 3] (bool): each modality kept with prob `keep_prob`; a row
-    that would keep none keeps one modality chosen uniformly at random (section 6.5)."""
-    k_keep, k_one = jax.random.split(key)
-    keep = jax.random.bernoulli(k_keep, keep_prob, (n_views, batch, 3))
-    rescue = jax.nn.one_hot(jax.random.randint(k_one, (n_views, batch), 0, 3), 3, dtype=bool)
-    return jnp.where(keep.any(-1, keepdims=True), keep, rescue)
+    that would keep none keeps one modality chosen uniformly at random (section 6.5). With
+    `index` [B] (rows' positions in the split) row b draws from `fold_in(key, index[b])`, so a
+    sample's views do not depend on the batch or device it is in."""
+
+    def draw(k, shape):
+        k_keep, k_one = jax.random.split(k)
+        keep = jax.random.bernoulli(k_keep, keep_prob, (*shape, 3))
+        rescue = jax.nn.one_hot(jax.random.randint(k_one, shape, 0, 3), 3, dtype=bool)
+        return jnp.where(keep.any(-1, keepdims=True), keep, rescue)
+
+    if index is None:
+        return draw(key, (n_views, batch))
+    per_sample = jax.vmap(lambda i: draw(jax.random.fold_in(key, i), (n_views,)))(index)
+    return jnp.moveaxis(per_sample, 0, 1)  # [B, V, 3] -> [V, B, 3]
+
+
+def standard_normal(key: jax.Array, shape: tuple[int, ...], index: jax.Array | None = None):
+    """N(0, 1) noise of `shape` = (M, B, ...); with `index` [B], sample b's slice [:, b] comes
+    from `fold_in(key, index[b])` (independent of batch composition and device count)."""
+    if index is None:
+        return jax.random.normal(key, shape)
+    rows = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                                (shape[0], *shape[2:])))(index)
+    return jnp.moveaxis(rows, 0, 1)
 
 
 class FusionHead(nn.Module):
@@ -60,8 +83,9 @@ class EASE(nn.Module):
     @nn.compact
     def __call__(self, inputs: dict, clean: dict | None = None, *, train: bool = False) -> dict:
         cfg = self.cfg
-        h, c = encode(MultimodalEncoder(cfg, name="encoder"), inputs, clean)
+        h, c = encode(MultimodalEncoder(cfg, name="encoder"), inputs, clean, train)
         _, b, k, d = h.shape
+        index = inputs.get("index")  # [B] rows' positions in the split: per-sample noise keys
         out = {"tokens": h}
         if c is not None:
             out["clean_tokens"] = c
@@ -77,7 +101,7 @@ class EASE(nn.Module):
                 variances.append(var)
             mean, var = jnp.stack(means), jnp.stack(variances)
             if train or cfg.sample_at_eval:
-                eps = jax.random.normal(self.make_rng("noise"), mean.shape, mean.dtype)
+                eps = standard_normal(self.make_rng("noise"), mean.shape, index).astype(mean.dtype)
                 sample = mean + jnp.sqrt(var) * eps  # Eq. 3, reparameterised
             else:
                 sample = mean  # deterministic evaluation (project decision, section 7)
@@ -96,7 +120,8 @@ class EASE(nn.Module):
         full = jnp.moveaxis(fused, 0, 1).reshape(b, 3 * k, d)  # [B, 3K, d] in order l, a, v
         fusion = FusionHead(cfg, name="fusion")
         if train and cfg.n_views > 0:
-            keep = view_keep_flags(self.make_rng("views"), cfg.n_views, b, cfg.view_keep_prob)
+            keep = view_keep_flags(self.make_rng("views"), cfg.n_views, b, cfg.view_keep_prob,
+                                   index)
             views = fused[None] * jnp.moveaxis(keep, 2, 1)[..., None, None]  # [V, 3, B, K, d]
             views = jnp.moveaxis(views, 1, 2).reshape(cfg.n_views * b, 3 * k, d)
             preds = fusion(jnp.concatenate([full, views], 0))  # one pass over all views

@@ -33,7 +33,7 @@ class LNLN(nn.Module):
     def __call__(self, inputs: dict, clean: dict | None = None, *, train: bool = False) -> dict:
         cfg = self.cfg
         tf = dict(dim=cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim)
-        h, c = encode(MultimodalEncoder(cfg, name="encoder"), inputs, clean)
+        h, c = encode(MultimodalEncoder(cfg, name="encoder"), inputs, clean, train)
         _, b, k, d = h.shape
         h_l, h_a, h_v = h[TEXT], h[AUDIO], h[VISION]
 
