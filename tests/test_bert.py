@@ -455,7 +455,9 @@ def _ease_bert_fn(cfg, train):
         clean = x if train else None
         return model.apply({"params": params}, x, clean, train=train, rngs=rngs)
 
-    return jax.jit(apply)
+    # Cheaper XLA compilation (the same computation): these programs run once.
+    return jax.jit(apply, compiler_options={"xla_backend_optimization_level": 0,
+                                            "xla_llvm_disable_expensive_passes": True})
 
 
 def test_bert_dropout_in_training_only():
