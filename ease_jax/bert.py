@@ -17,12 +17,15 @@ Parameter tree (`params` of `BertModel.init`; kernels are (in, out), i.e. PyTorc
 
     embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
     embeddings/layer_norm/{scale,bias}
-    layer_{i}/attention/{query,key,value,output}/{kernel,bias}
-    layer_{i}/attention_layer_norm/{scale,bias}
-    layer_{i}/intermediate/{kernel,bias}         (H -> intermediate_size)
-    layer_{i}/output/{kernel,bias}               (intermediate_size -> H)
-    layer_{i}/output_layer_norm/{scale,bias}
+    layers/attention/{query,key,value,output}/{kernel,bias}
+    layers/attention_layer_norm/{scale,bias}
+    layers/intermediate/{kernel,bias}         (H -> intermediate_size)
+    layers/output/{kernel,bias}               (intermediate_size -> H)
+    layers/output_layer_norm/{scale,bias}
     pooler/{kernel,bias}
+
+Every `layers/...` leaf carries a leading axis of `num_hidden_layers` (layer i of the checkpoint at
+index i): the layers are one `nn.scan`, so XLA compiles one layer instead of twelve.
 
 Typical use:
 
@@ -49,6 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["BertConfig", "BertModel", "load_bert", "tokenize"]
+
+# Layers per iteration of the layer scan (1: one layer compiled once; 0: all, a loop-free program
+# for FLOP counting).
+SCAN_UNROLL = 1
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -224,14 +231,17 @@ class BertSelfAttention(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-LN encoder layer: attention + residual + LN, feed-forward + residual + LN."""
+    """One post-LN encoder layer: attention + residual + LN, feed-forward + residual + LN.
+
+    A scan body: `(x (B, L, H), mask_bias) -> (x, None)`."""
 
     config: BertConfig
     dtype: Any = jnp.float32
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool = True):
-        c = self.config
+    def __call__(self, x, mask_bias):
+        c, deterministic = self.config, self.deterministic
         drop = nn.Dropout(c.hidden_dropout_prob)
         attended = BertSelfAttention(c, self.dtype, name="attention")(
             x, mask_bias, deterministic
@@ -243,9 +253,10 @@ class BertLayer(nn.Module):
             _dense(c.intermediate_size, self.dtype, "intermediate")(x)
         )
         out = _dense(c.hidden_size, self.dtype, "output")(hidden)
-        return _layer_norm(c, self.dtype, "output_layer_norm")(
+        x = _layer_norm(c, self.dtype, "output_layer_norm")(
             x + drop(out, deterministic=deterministic)
         )
+        return x, None
 
 
 class BertModel(nn.Module):
@@ -311,10 +322,20 @@ class BertModel(nn.Module):
         x = BertEmbeddings(c, self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic
         )
-        for i in range(c.num_hidden_layers):
-            x = BertLayer(c, self.dtype, name=f"layer_{i}")(
-                x, mask_bias, deterministic
-            )
+        # The identical layers are one `nn.scan` (compiled once, parameters stacked on a leading
+        # layer axis) of a rematerialised layer: the backward pass recomputes each layer's
+        # activations from its input instead of keeping them, so memory grows by one (B, L, H)
+        # array per layer, not by every intermediate (the papers' batch of 2 x 64 sentences
+        # then fits in a few GiB).
+        layers = nn.scan(
+            nn.remat(BertLayer, prevent_cse=False),
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=c.num_hidden_layers,
+            unroll=SCAN_UNROLL or c.num_hidden_layers,
+        )
+        x, _ = layers(c, self.dtype, deterministic, name="layers")(x, mask_bias)
         # The pooler always runs so that its parameters always exist (as in the checkpoints);
         # under jit it is dead code when only the hidden states are used.
         pooled = jnp.tanh(_dense(c.hidden_size, self.dtype, "pooler")(x[:, 0]))
@@ -328,27 +349,28 @@ class BertModel(nn.Module):
 # Loading Hugging Face checkpoints
 
 
-def _checkpoint_layout(config: BertConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    """(checkpoint module prefix, Flax module path, kind) for every parameterised module."""
+def _checkpoint_layout(config: BertConfig) -> list[tuple[str, tuple[str, ...], str, int | None]]:
+    """(checkpoint module prefix, Flax module path, kind, layer) for every parameterised module;
+    `layer` is the index on the stacked layer axis of `layers/...` (None outside the layers)."""
     layout = [
-        ("embeddings.word_embeddings", ("embeddings", "word_embeddings"), "embed"),
-        ("embeddings.position_embeddings", ("embeddings", "position_embeddings"), "embed"),
-        ("embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings"), "embed"),
-        ("embeddings.LayerNorm", ("embeddings", "layer_norm"), "norm"),
+        ("embeddings.word_embeddings", ("embeddings", "word_embeddings"), "embed", None),
+        ("embeddings.position_embeddings", ("embeddings", "position_embeddings"), "embed", None),
+        ("embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings"), "embed", None),
+        ("embeddings.LayerNorm", ("embeddings", "layer_norm"), "norm", None),
     ]
     for i in range(config.num_hidden_layers):
-        hf, fx = f"encoder.layer.{i}", f"layer_{i}"
+        hf = f"encoder.layer.{i}"
         layout += [
-            (f"{hf}.attention.self.query", (fx, "attention", "query"), "dense"),
-            (f"{hf}.attention.self.key", (fx, "attention", "key"), "dense"),
-            (f"{hf}.attention.self.value", (fx, "attention", "value"), "dense"),
-            (f"{hf}.attention.output.dense", (fx, "attention", "output"), "dense"),
-            (f"{hf}.attention.output.LayerNorm", (fx, "attention_layer_norm"), "norm"),
-            (f"{hf}.intermediate.dense", (fx, "intermediate"), "dense"),
-            (f"{hf}.output.dense", (fx, "output"), "dense"),
-            (f"{hf}.output.LayerNorm", (fx, "output_layer_norm"), "norm"),
+            (f"{hf}.attention.self.query", ("layers", "attention", "query"), "dense", i),
+            (f"{hf}.attention.self.key", ("layers", "attention", "key"), "dense", i),
+            (f"{hf}.attention.self.value", ("layers", "attention", "value"), "dense", i),
+            (f"{hf}.attention.output.dense", ("layers", "attention", "output"), "dense", i),
+            (f"{hf}.attention.output.LayerNorm", ("layers", "attention_layer_norm"), "norm", i),
+            (f"{hf}.intermediate.dense", ("layers", "intermediate"), "dense", i),
+            (f"{hf}.output.dense", ("layers", "output"), "dense", i),
+            (f"{hf}.output.LayerNorm", ("layers", "output_layer_norm"), "norm", i),
         ]
-    layout.append(("pooler.dense", ("pooler",), "dense"))
+    layout.append(("pooler.dense", ("pooler",), "dense", None))
     return layout
 
 
@@ -431,7 +453,7 @@ def load_bert(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[BertModel,
 
         params: dict = {}
         used = set()
-        for hf_module, flax_path, kind in _checkpoint_layout(config):
+        for hf_module, flax_path, kind, layer in _checkpoint_layout(config):
             found = {p: find(hf_module, names) for p, names in _PARAM_NAMES[kind].items()}
             if hf_module == "pooler.dense" and not any(found.values()):
                 warnings.warn(
@@ -455,6 +477,8 @@ def load_bert(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[BertModel,
                     raise ValueError(f"{weights_file}: missing tensor {tried}")
                 tensor = f.get_tensor(key)
                 expected = tuple(expected_node[flax_name].shape)
+                if layer is not None:  # one slice of the stacked layer axis
+                    expected = expected[1:]
                 if flax_name == "kernel":
                     expected = expected[::-1]  # checkpoint stores Linear weights as (out, in)
                 if tuple(tensor.shape) != expected:
@@ -463,8 +487,15 @@ def load_bert(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[BertModel,
                         f"{expected} for the config in {config_file}"
                     )
                 tensor = np.asarray(tensor, dtype=np.float32)
-                node[flax_name] = jnp.asarray(tensor.T if flax_name == "kernel" else tensor)
+                tensor = tensor.T if flax_name == "kernel" else tensor
+                if layer is None:
+                    node[flax_name] = jnp.asarray(tensor)
+                else:  # layers arrive in order; stacked below
+                    node.setdefault(flax_name, []).append(tensor)
                 used.add(key)
+    params["layers"] = jax.tree_util.tree_map(
+        lambda slices: jnp.asarray(np.stack(slices)), params["layers"],
+        is_leaf=lambda x: isinstance(x, list))
 
     ignored_heads = ("cls.", "classifier.", "qa_outputs.")
     unused = sorted(

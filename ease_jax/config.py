@@ -14,6 +14,7 @@ from typing import Any
 DATASETS = ("mosi", "mosei", "sims")
 MODELS = ("ease", "lnln")
 TEXT_ENCODERS = ("bert", "features")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class ModelConfig:
     # bert-base and MiniLM), as the papers' code fine-tunes BERT in train mode; a number sets both
     # hidden and attention dropout (0 turns dropout off). Evaluation never drops.
     bert_dropout: float | None = None
+    # Matmul precision (`--precision`): "fp32", or "bf16" = bfloat16 matmul inputs with float32
+    # parameters, residual stream, logits / softmax, LayerNorm statistics and outputs (for GPUs;
+    # CPUs have no fast bfloat16 matmul).
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -59,11 +64,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"ModelConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.bert_dropout is not None and not 0.0 <= self.bert_dropout < 1.0:
             raise ValueError(f"ModelConfig.bert_dropout must be in [0, 1), got {self.bert_dropout}")
         for name in ("text_len", "text_dim", "audio_len", "audio_dim", "vision_len", "vision_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def compute_dtype(self):
+        """The matmul dtype of `precision` (a jnp dtype)."""
+        import jax.numpy as jnp
+
+        return jnp.bfloat16 if self.precision == "bf16" else jnp.float32
 
     def bert_config(self):
         """The BERT architecture of BERT mode (bert-base-uncased unless `bert` is set), with

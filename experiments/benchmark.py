@@ -2,16 +2,21 @@
 
 For every (model, text encoder) pair this measures, on the default JAX backend:
 
-* compile s: the first call of the project's real train step (`ParallelStep(make_train_step(...))`,
-  pmap or shard_map over all local devices), blocked; it includes one step's execution, which is
-  also subtracted out in the JSON (`compile_s_est`);
-* steps/s and samples/s: the median of `--steps` timed steps after `--warmup` untimed ones, each
-  blocked with `jax.block_until_ready`; host batches are passed as the fit loop passes them, so
-  the host-to-device copy of the batch is part of the step;
+* compile s: `lower(...).compile()` of the project's real train step
+  (`ParallelStep(make_train_step(...))`, pmap or shard_map over all local devices), nothing run;
+* step s, steps/s and samples/s: the median of `--steps` timed steps after the first and
+  `--warmup` untimed ones, each blocked with `jax.block_until_ready`; host batches are passed as
+  the fit loop passes them, so the host-to-device copy of the batch is part of the step;
+* GFLOP/step and GFLOP/s: the step's FLOPs from XLA's cost analysis (one device's program) of
+  the same step traced without loops (`loop_free_program`: XLA counts a loop body once), over
+  the median step time; the encode-once path skips about a quarter of the encoder work and the
+  blockwise attention recomputes its weights, so this is the algorithm's work per second
+  ("effective" GFLOP/s), comparable across implementations; the machine's peak is the bound;
 * s/epoch: a MOSI epoch is 1284 training samples = 21 steps of 64 (the last one padded), so
   21 x the median step (evaluation excluded);
-* eval samples/s: the jitted evaluation forward pass (`make_predict_fn`, masks at r = 0.5) on
-  batches of `--eval-batch-size` (256, as `Evaluator`), median of timed calls;
+* eval compile s, eval samples/s: the jitted evaluation forward pass (`make_predict_fn`, masks at
+  r = 0.5) on batches of `--eval-batch-size` (256, as `Evaluator`), compiled ahead of time, then the
+  median of timed calls (its FLOPs are in the JSON);
 * peak memory: `memory_stats()["peak_bytes_in_use"]` of device 0 where the backend reports it,
   else the worker process's max RSS (`resource.getrusage`), labelled as such.
 
@@ -31,6 +36,7 @@ configuration; rewritten after every configuration) to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -66,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=256,
                    help="evaluation batch (default 256, as ease_jax.evaluate.Evaluator)")
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="matmul precision of the model (bf16: for GPUs)")
     p.add_argument("--init", choices=("shapes", "flax"), default="shapes",
                    help="parameters: 'shapes' = eval_shape + direct fill (fast; speed does not "
                         "depend on the values), 'flax' = jax.jit(init_params) (slow to compile)")
@@ -159,6 +167,48 @@ def make_params(mcfg, how: str):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+@contextlib.contextmanager
+def loop_free_program():
+    """Trace the model as a program without loops: plain attention (no query blocks), both passes
+    of the encoders in full (no encode-once chunks) and BERT's layer scan unrolled. The numbers
+    are the same; XLA's cost analysis counts a loop body once whatever its trip count, so only
+    this program's count is the step's real FLOP count."""
+    from ease_jax import bert, layers
+    from ease_jax.models import common
+
+    saved = layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL
+    layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL = 10**9, False, 0
+    try:
+        yield
+    finally:
+        layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL = saved
+
+
+def _reference_flops(fn, *args) -> float | None:
+    """FLOPs of `fn(*args)` (a jit / pmap function built inside `loop_free_program`, whose trace
+    happens at lowering) from the cost analysis of the lowered, loop-free program."""
+    with loop_free_program():
+        lowered = fn.lower(*args)
+    return _flops(lowered)
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one call of a lowered or compiled program, from XLA's cost analysis (None where
+    the backend gives none). For a pmap program this is one device's share."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def _fmt_flops(flops: float | None) -> str:
+    return "FLOPs n/a" if flops is None else f"{flops / 1e9:.1f} GFLOP"
+
+
 def _peak_memory() -> dict:
     import jax
 
@@ -199,7 +249,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
 
     tag = f"{model}/{text_encoder}"
     t_start = time.perf_counter()
-    mcfg = model_config(model, DATASET, text_encoder=text_encoder)
+    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision)
     loss_cfg = LossConfig.preset("code", DATASET)
     tcfg = TrainConfig(batch_size=args.batch_size)
     spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)
@@ -242,25 +292,37 @@ def run_config(model: str, text_encoder: str, args) -> dict:
         batches.append(pad_batch(rows, gbs))
     base_key = jax.random.key(1111)
 
+    def step_key(i: int):
+        return jax.random.key_data(jax.random.fold_in(base_key, i))
+
+    # Compile explicitly (lower + compile, nothing executed), so compile time is its own figure and
+    # XLA's cost analysis gives the FLOPs of exactly the program that is timed.
+    t0 = time.perf_counter()
+    compiled = par.compile(dev_state, par.put_batch(batches[0]), step_key(0))
+    compile_s = time.perf_counter() - t0
+    reference_step = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe, MOSI_TRAIN),
+                                  args.parallel)  # a new function: traced afresh, loop-free
+    step_flops = _reference_flops(reference_step._fn, dev_state, par.put_batch(batches[0]),
+                                  step_key(0))
+    _log(f"{tag}: compiled in {compile_s:.1f}s ({_fmt_flops(step_flops)} per step); "
+         f"{1 + args.warmup} warm-up + {args.steps} timed steps")
+
     def one_step(i: int):
         nonlocal dev_state
-        rng = jax.random.key_data(jax.random.fold_in(base_key, i))
-        dev_state, metrics = par(dev_state, par.put_batch(batches[i % n_batches]), rng)
+        dev_state, metrics = compiled(dev_state, par.put_batch(batches[i % n_batches]), step_key(i))
         return jax.block_until_ready((dev_state, metrics))
 
     t0 = time.perf_counter()
     _, metrics = one_step(0)
-    first_call_s = time.perf_counter() - t0
+    first_step_s = time.perf_counter() - t0
     loss0 = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
-    _log(f"{tag}: first call (compile + 1 step) {first_call_s:.1f}s, loss {loss0:.4f}; "
-         f"{args.warmup} warm-up + {args.steps} timed steps")
     warmup_times = []
     for i in range(args.warmup):
         t0 = time.perf_counter()
         one_step(1 + i)
         warmup_times.append(time.perf_counter() - t0)
-    if warmup_times:
-        _log(f"{tag}: warm-up steps {', '.join(f'{t:.3f}s' for t in warmup_times)}")
+    _log(f"{tag}: first step {first_step_s:.3f}s (loss {loss0:.4f}), warm-up steps "
+         f"{', '.join(f'{t:.3f}s' for t in warmup_times) or '-'}")
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
@@ -270,6 +332,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
             _log(f"{tag}: step {i + 1}/{args.steps} {times[-1]:.3f}s")
     step_s = statistics.median(times)
     loss_last = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
+    del compiled
 
     # Evaluation forward pass (the jitted function `Evaluator` uses), masks at r = 0.5.
     _log(f"{tag}: median step {step_s:.4f}s; compiling the evaluation forward pass")
@@ -279,12 +342,14 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     keep = eval_keep_masks(data.test, 0.5)
     eval_key = jax.random.key(0)
     t0 = time.perf_counter()
-    jax.block_until_ready(predict(params, ebatch, keep, eval_key))
-    eval_first_s = time.perf_counter() - t0
+    predict_compiled = predict.lower(params, ebatch, keep, eval_key).compile()
+    eval_compile_s = time.perf_counter() - t0
+    eval_flops = _reference_flops(make_predict_fn(mcfg), params, ebatch, keep, eval_key)
     eval_times = []
     for i in range(args.eval_steps + 1):  # first of these is a warm-up
         t0 = time.perf_counter()
-        jax.block_until_ready(predict(params, ebatch, keep, jax.random.fold_in(eval_key, i)))
+        jax.block_until_ready(predict_compiled(params, ebatch, keep,
+                                               jax.random.fold_in(eval_key, i)))
         if i:
             eval_times.append(time.perf_counter() - t0)
     eval_s = statistics.median(eval_times)
@@ -293,14 +358,17 @@ def run_config(model: str, text_encoder: str, args) -> dict:
         "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
         "n_devices": par.n, "batch_size": args.batch_size, "global_batch": gbs,
         "eval_batch_size": args.eval_batch_size, "n_params": n_params,
-        "init_s": init_s, "compile_s": first_call_s,
-        "compile_s_est": max(first_call_s - step_s, 0.0),
+        "init_s": init_s, "compile_s": compile_s, "first_step_s": first_step_s,
+        "step_flops": step_flops,
+        "step_gflops_per_s": step_flops / step_s / 1e9 if step_flops else None,
         "step_s_median": step_s, "step_s_mean": statistics.fmean(times),
         "step_s_min": min(times), "step_s_max": max(times), "step_times": times,
         "warmup_times": warmup_times,
         "steps_per_s": 1.0 / step_s, "samples_per_s": args.batch_size / step_s,
         "steps_per_epoch": spe, "epoch_s": spe * step_s,
-        "eval_compile_s": eval_first_s, "eval_batch_s_median": eval_s,
+        "eval_compile_s": eval_compile_s, "eval_batch_s_median": eval_s,
+        "eval_flops": eval_flops,
+        "eval_gflops_per_s": eval_flops / eval_s / 1e9 if eval_flops else None,
         "eval_samples_per_s": args.eval_batch_size / eval_s,
         "loss_first": loss0, "loss_last": loss_last,
         **mem, "wall_s": time.perf_counter() - t_start, "error": None,
@@ -326,6 +394,7 @@ def _run_isolated(model: str, text_encoder: str, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
                "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
+               "--precision", args.precision,
                "--init", args.init]
         t0 = time.perf_counter()
         try:
@@ -397,19 +466,21 @@ def _fmt_mem(row: dict) -> str:
 
 
 def table(rows: list[dict], env: dict) -> str:
-    head = ("| device | model | text encoder | compile s | steps/s | samples/s | s/epoch | "
-            "eval samples/s | peak memory |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| device | model | text encoder | step s | s/epoch | GFLOP/step | GFLOP/s | "
+            "compile s | eval compile s | eval samples/s | peak memory |")
+    lines = [head, "|" + "---|" * 11]
     dev = device_name(env)
     for r in rows:
         if r.get("error"):
             lines.append(f"| {dev} | {r['model']} | {r['text_encoder']} | "
-                         f"not measured: {r['error']} | | | | | |")
+                         f"not measured: {r['error']} |" + " |" * 8)
             continue
+        gflop = "n/a" if r["step_flops"] is None else f"{r['step_flops'] / 1e9:.0f}"
+        rate = "n/a" if r["step_gflops_per_s"] is None else f"{r['step_gflops_per_s']:.1f}"
         lines.append(
-            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['compile_s']:.1f} | "
-            f"{r['steps_per_s']:.3g} | {r['samples_per_s']:.1f} | {r['epoch_s']:.2f} | "
-            f"{r['eval_samples_per_s']:.1f} | {_fmt_mem(r)} |")
+            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['step_s_median']:.3f} | "
+            f"{r['epoch_s']:.2f} | {gflop} | {rate} | {r['compile_s']:.1f} | "
+            f"{r['eval_compile_s']:.1f} | {r['eval_samples_per_s']:.1f} | {_fmt_mem(r)} |")
     return "\n".join(lines)
 
 
@@ -464,6 +535,7 @@ def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -
         "settings": {"steps": args.steps, "warmup": args.warmup, "eval_steps": args.eval_steps,
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "parallel": args.parallel, "isolated": not args.no_isolate,
+                     "precision": args.precision,
                      "init": args.init,
                      "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},
         "environment": env, "device": device_name(env), "total_s": total_s,

@@ -74,6 +74,9 @@ def parse_args(dataset: str, argv=None) -> argparse.Namespace:
                    help=f"Hugging Face checkpoint directory (default: {BERT_NAMES[dataset]} in "
                         "the local Hugging Face cache)")
     p.add_argument("--loss-preset", choices=("code", "paper"), default="code")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="matmul precision: bf16 = bfloat16 matmuls with float32 parameters, "
+                        "softmax, normalisation and losses (for GPUs; default fp32)")
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
     p.add_argument("--burst", action="store_true",
                    help="also evaluate burst (temporally correlated) missingness at every rate")
@@ -134,7 +137,8 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
     dims = data.dims
     text_encoder = args.text_encoder or ("features" if is_synthetic else "bert")
     overrides = dict(audio_len=dims["T_a"], audio_dim=dims["D_a"], vision_len=dims["T_v"],
-                     vision_dim=dims["D_v"], text_encoder=text_encoder)
+                     vision_dim=dims["D_v"], text_encoder=text_encoder,
+                     precision=getattr(args, "precision", "fp32"))
     if text_encoder == "features":
         if data.train.text_features is None:
             raise SystemExit(f"--text-encoder features needs the `text` key in {args.data}")

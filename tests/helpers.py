@@ -34,7 +34,8 @@ def random_params(shapes, seed: int, *, scale_sd: float = 0.3, sd: float = 0.3):
     def leaf(path, s):
         name = path[-1].key
         if name == "kernel":
-            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[0])
+            # fan_in = the kernel's input axis (-2; stacked kernels carry leading axes)
+            value = rng.standard_normal(s.shape) / math.sqrt(s.shape[-2])
         elif name == "scale":
             value = 1.0 + scale_sd * rng.standard_normal(s.shape)
         else:

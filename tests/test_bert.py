@@ -199,7 +199,7 @@ def test_param_count(config, expected):
 
 
 def test_shapes_and_param_tree():
-    dims = chex.Dimensions(B=2, L=7, H=32, F=64, V=50, P=16, T=2)
+    dims = chex.Dimensions(B=2, L=7, H=32, F=64, V=50, P=16, T=2, N=TINY.num_hidden_layers)
     ids, mask, types = _tiny_inputs()
     # `init` traced, not run: running it compiles a PRNG kernel per shape (seconds on a busy CPU).
     params = jax.eval_shape(BertModel(TINY).init, jax.random.key(0), ids, mask, types)["params"]
@@ -207,19 +207,19 @@ def test_shapes_and_param_tree():
     chex.assert_shape(hidden, dims["BLH"])
     chex.assert_shape(pooled, dims["BH"])
     chex.assert_type([hidden, pooled], jnp.float32)
-    assert set(params) == {"embeddings", "layer_0", "layer_1", "pooler"}
+    assert set(params) == {"embeddings", "layers", "pooler"}  # layers: one scan, stacked
     chex.assert_shape(params["embeddings"]["word_embeddings"]["embedding"], dims["VH"])
     chex.assert_shape(params["embeddings"]["position_embeddings"]["embedding"], dims["PH"])
     chex.assert_shape(params["embeddings"]["token_type_embeddings"]["embedding"], dims["TH"])
     chex.assert_shape(params["embeddings"]["layer_norm"]["scale"], dims["H"])
-    layer = params["layer_1"]
+    layer = params["layers"]
     for name in ("query", "key", "value", "output"):
-        chex.assert_shape(layer["attention"][name]["kernel"], dims["HH"])
-        chex.assert_shape(layer["attention"][name]["bias"], dims["H"])
-    chex.assert_shape(layer["intermediate"]["kernel"], dims["HF"])
-    chex.assert_shape(layer["output"]["kernel"], dims["FH"])
+        chex.assert_shape(layer["attention"][name]["kernel"], dims["NHH"])
+        chex.assert_shape(layer["attention"][name]["bias"], dims["NH"])
+    chex.assert_shape(layer["intermediate"]["kernel"], dims["NHF"])
+    chex.assert_shape(layer["output"]["kernel"], dims["NFH"])
     for name in ("attention_layer_norm", "output_layer_norm"):
-        chex.assert_shape([layer[name]["scale"], layer[name]["bias"]], dims["H"])
+        chex.assert_shape([layer[name]["scale"], layer[name]["bias"]], dims["NH"])
     chex.assert_shape(params["pooler"]["kernel"], dims["HH"])
     chex.assert_trees_all_equal_shapes_and_dtypes(params, _random_params(TINY))
 
@@ -295,15 +295,15 @@ def test_load_round_trip(tmp_path, prefix):
         emb["word_embeddings"]["embedding"], sd["embeddings.word_embeddings.weight"]
     )
     np.testing.assert_array_equal(emb["layer_norm"]["scale"], sd["embeddings.LayerNorm.weight"])
-    attn = params["layer_1"]["attention"]
+    attn = params["layers"]["attention"]  # leading axis: the layer
     np.testing.assert_array_equal(
-        attn["query"]["kernel"], sd["encoder.layer.1.attention.self.query.weight"].T
+        attn["query"]["kernel"][1], sd["encoder.layer.1.attention.self.query.weight"].T
     )
     np.testing.assert_array_equal(
-        attn["output"]["bias"], sd["encoder.layer.1.attention.output.dense.bias"]
+        attn["output"]["bias"][1], sd["encoder.layer.1.attention.output.dense.bias"]
     )
     np.testing.assert_array_equal(
-        params["layer_0"]["output"]["kernel"], sd["encoder.layer.0.output.dense.weight"].T
+        params["layers"]["output"]["kernel"][0], sd["encoder.layer.0.output.dense.weight"].T
     )
     np.testing.assert_array_equal(params["pooler"]["kernel"], sd["pooler.dense.weight"].T)
     chex.assert_trees_all_equal_shapes_and_dtypes(params, _abstract_params(TINY))
@@ -314,7 +314,8 @@ def test_load_legacy_names_and_missing_pooler(tmp_path):
     with pytest.warns(UserWarning, match="no pooler"):
         _, params = load_bert(_write_checkpoint(tmp_path / "ckpt", TINY, sd))
     np.testing.assert_array_equal(
-        params["layer_0"]["output_layer_norm"]["bias"], sd["encoder.layer.0.output.LayerNorm.beta"]
+        params["layers"]["output_layer_norm"]["bias"][0],
+        sd["encoder.layer.0.output.LayerNorm.beta"],
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(params, _abstract_params(TINY))
 

@@ -182,6 +182,51 @@ def test_attention_matches_float64_numpy(cross):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("tq, tk, block", [(11, 13, 4), (8, 5, 4), (3, 7, 8), (9, 6, 9)])
+def test_blockwise_attention_equals_plain_forward_and_gradients(tq, tk, block):
+    """Blockwise (query blocks, custom backward pass recomputing the weights) against the float64
+    reference and against autodiff of the plain attention; Tq not a multiple of the block is
+    padded (11 rows in 3 blocks of 4)."""
+    heads, e = 2, 4
+    q, k, v = (_rand(10 + i, 2, t, heads * e) for i, t in enumerate((tq, tk, tk)))
+    cotangent = _rand(13, 2, tq, heads * e)
+    got = jax.jit(lambda q, k, v: layers.blockwise_attention(q, k, v, heads, block))(q, k, v)
+    want = ref_heads(*(x.astype(np.float64) for x in (q, k, v)), heads)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent),
+                                argnums=(0, 1, 2)))(q, k, v)
+
+    plain = grads(lambda q, k, v: layers._attention_core(q, k, v, heads))
+    blocked = grads(lambda q, k, v: layers.blockwise_attention(q, k, v, heads, block))
+    for a, b in zip(blocked, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences_use_the_blockwise_attention_with_equal_numbers(monkeypatch):
+    """At the vision encoder's length (508 = 500 frames + 8 tokens) `multi_head_attention` takes
+    the blockwise path (no (Tq, Tk) weights kept for the backward pass) with the plain numbers,
+    forward and gradients."""
+    q, k, v = (0.3 * _rand(20 + i, 1, 508, 8 * 64) for i in range(3))
+    calls = []
+    monkeypatch.setattr(layers, "blockwise_attention",
+                        lambda *a: calls.append(a[-1]) or _BLOCKWISE(*a))
+    def value_and_grads(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, 8) ** 2),
+                                          argnums=(0, 1, 2)))(q, k, v)
+
+    value, grads = value_and_grads(layers.multi_head_attention)
+    assert calls == [layers.ATTENTION_BLOCK]
+    ref_value, ref_grads = value_and_grads(layers._attention_core)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+_BLOCKWISE = layers.blockwise_attention
+
+
 def test_feedforward_shape_and_exact_gelu():
     x = 2.0 * _rand(5, *DIMS["BTD"])
     module = layers.FeedForward()

@@ -21,7 +21,7 @@ from ease_jax.layers import CompletenessGate
 from ease_jax.models import build_model, count_parameters, dummy_inputs, init_params
 from ease_jax.models.ease import FusionHead, view_keep_flags
 
-from helpers import TINY_INPUTS, TINY_MODEL, random_model_params
+from helpers import TINY_INPUTS, TINY_MODEL, random_model_params, random_params
 
 # Audio / vision feature widths of the MMSA files (PROTOCOL.md section 1).
 FEATURE_DIMS = {"mosi": (5, 20), "mosei": (74, 35), "sims": (33, 709)}
@@ -34,8 +34,8 @@ TINY = {**TINY_INPUTS, **TINY_MODEL}
 EASE_EVAL_KEYS = {"pred", "tokens", "imp_mean", "imp_var", "imp_sample", "uncertainty", "gate",
                   "fused"}
 EASE_TRAIN_KEYS = EASE_EVAL_KEYS | {"clean_tokens", "view_preds", "view_keep"}
-LNLN_EVAL_KEYS = {"pred", "tokens", "completeness", "dominant", "reconstruction"}
-LNLN_TRAIN_KEYS = LNLN_EVAL_KEYS | {"clean_tokens", "disc_logits"}
+LNLN_EVAL_KEYS = {"pred", "tokens", "completeness", "dominant"}  # reconstructions: training only
+LNLN_TRAIN_KEYS = LNLN_EVAL_KEYS | {"clean_tokens", "disc_logits", "reconstruction"}
 
 
 # Cheaper XLA compilation for these small CPU programs (the result is the same computation).
@@ -132,8 +132,9 @@ def test_output_shapes(model, dataset):
     else:
         assert set(train) == LNLN_TRAIN_KEYS and set(evaluation) == LNLN_EVAL_KEYS
         chex.assert_shape(train["disc_logits"], dims["PBKC"])  # row 0 h_d, row 1 clean text
+        chex.assert_shape(train["reconstruction"], dims["MBKD"])
         for out in (train, evaluation):
-            chex.assert_shape([out["tokens"], out["reconstruction"]], dims["MBKD"])
+            chex.assert_shape(out["tokens"], dims["MBKD"])
             chex.assert_shape(out["dominant"], dims["BKD"])
             chex.assert_shape(out["completeness"], dims["B"])
         depth = 2 if dataset == "mosi" else 4  # cross Transformer depth (section 8)
@@ -155,7 +156,7 @@ def test_initial_learnable_tokens(model):
     if model == "ease":
         pick = lambda p: {"cls": p["fusion"]["cls_token"],
                           "enc": p["encoder"]["audio"]["transformer"]["extra_tokens"],
-                          "gate": p["gate_1"]["transformer"]["extra_tokens"]}
+                          "gate": p["gates"]["transformer"]["extra_tokens"]}  # [3, 1, d]
         want = {"cls": 0.0, "enc": 0.0, "gate": 0.0}
     else:
         pick = lambda p: {"proxy": p["proxy_tokens"], "hyper": p["hyper_tokens"],
@@ -165,6 +166,22 @@ def test_initial_learnable_tokens(model):
     got = jax.jit(lambda k: pick(init_params(cfg, k)), compiler_options=FAST)(jax.random.key(0))
     for name, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+
+
+def test_per_modality_modules_are_stacked_with_independent_parameters():
+    """EASE's three imputers and gates and LNLN's three reconstructors are one module each over a
+    leading modality axis: every leaf has a leading 3, and the three slices are initialised
+    independently (as three separate modules would be)."""
+    for model, names in (("ease", ("imputers", "gates")), ("lnln", ("reconstructors",))):
+        cfg = model_config(model, "mosi", **TINY)
+        shapes = _param_shapes(cfg)
+        for name in names:
+            assert all(x.shape[0] == 3 for x in jax.tree_util.tree_leaves(shapes[name])), name
+    cfg = model_config("ease", "mosi", **TINY)
+    kernel = jax.jit(lambda k: init_params(cfg, k)["imputers"]["gaussian"]["mean"]["fc0"]["kernel"],
+                     compiler_options=FAST)(jax.random.key(0))
+    chex.assert_shape(kernel, (3, cfg.dim, cfg.dim))
+    assert len({np.asarray(kernel[m]).tobytes() for m in range(3)}) == 3
 
 
 def test_dummy_inputs_layout():
@@ -421,7 +438,8 @@ def test_ease_gate_fusion_and_uncertainty(tiny_ease, train_apply):
     estimator = jax.jit(CompletenessGate(k, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim).apply,
                         compiler_options=FAST)  # one compile: the three share their shapes
     for m in range(3):
-        w = estimator({"params": params[f"gate_{m}"]}, jnp.asarray(out["tokens"][m], jnp.float32))
+        gate_m = jax.tree_util.tree_map(lambda x: x[m], params["gates"])  # slice m of the stack
+        w = estimator({"params": gate_m}, jnp.asarray(out["tokens"][m], jnp.float32))
         np.testing.assert_allclose(out0["gate"][m], np.asarray(w), rtol=1e-5, atol=1e-6)
     assert np.all((out0["gate"] > 0) & (out0["gate"] < 1))  # rate 0: strictly inside (0, 1)
 
@@ -525,3 +543,103 @@ def test_sample_at_eval_makes_evaluation_random(tiny_ease, eval_apply):
     sampling = build_model(replace(cfg, sample_at_eval=True))
     with pytest.raises(flax.errors.InvalidRngError):
         jax.eval_shape(lambda p: sampling.apply({"params": p}, inputs), params)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding rows whose clean and incomplete inputs are equal once
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [8, 3])
+def test_encoding_equal_rows_once_equals_encoding_twice(chunks, monkeypatch):
+    """`MultimodalEncoder(inputs, clean)` encodes a row whose two inputs are equal once: its
+    tokens and the gradients of any function of (h, c) equal two independent plain calls (on the
+    incomplete and on the clean inputs), for rows unchanged in some modalities and not in others,
+    and a batch that leaves some chunks empty."""
+    from ease_jax.models import common
+
+    monkeypatch.setattr(common, "ENCODE_CHUNKS", chunks)
+    cfg = model_config("ease", "mosi", **{**TINY, "text_len": 5})
+    b = 7
+    inc, clean = make_batch(cfg, b, seed=5)
+    # Rows 0, 3, 4 keep all their audio, rows 1, 4, 6 all their vision, row 2 all its text.
+    for key, rows in (("audio", [0, 3, 4]), ("vision", [1, 4, 6]), ("text_features", [2])):
+        inc[key] = inc[key].at[jnp.asarray(rows)].set(clean[key][jnp.asarray(rows)])
+    assert not np.array_equal(inc["audio"][1], clean["audio"][1])
+    encoder = common.MultimodalEncoder(cfg)
+    x_inc, x_clean = (common.encoder_inputs(x, "features") for x in (inc, clean))
+    params = random_params(
+        jax.eval_shape(lambda: encoder.init(jax.random.key(0), x_inc, x_clean))["params"], seed=3)
+    rng = np.random.default_rng(9)
+    w_h, w_c = (jnp.asarray(rng.standard_normal((3, b, cfg.tokens, cfg.dim)), jnp.float32)
+                for _ in range(2))
+
+    def once(p):
+        h, c = encoder.apply({"params": p}, x_inc, x_clean)
+        return jnp.sum(w_h * h) + jnp.sum(w_c * jnp.tanh(c)), (h, c)
+
+    def twice(p):
+        h, _ = encoder.apply({"params": p}, x_inc)
+        c, _ = encoder.apply({"params": p}, x_clean)
+        return jnp.sum(w_h * h) + jnp.sum(w_c * jnp.tanh(c)), (h, c)
+
+    (_, (h1, c1)), g1 = jax.jit(jax.value_and_grad(once, has_aux=True))(params)
+    (_, (h2, c2)), g2 = jax.jit(jax.value_and_grad(twice, has_aux=True))(params)
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c1), np.asarray(c2), rtol=1e-5, atol=1e-6)
+    for (path, a), ref in zip(jax.tree_util.tree_leaves_with_path(g1),
+                              jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=1e-5, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["ease", "lnln"])
+def test_bf16_precision_runs_matmuls_in_bf16_and_keeps_float32_elsewhere(model):
+    """`precision="bf16"`: every matmul (dot_general) of the train-mode forward pass but the
+    scalar read-outs (regressor, gate / discriminator logits: <= 2 outputs) takes bfloat16
+    operands, parameters and outputs stay float32, and the outputs are the float32 model's within
+    bfloat16 rounding (same parameters; the regressor's random weights cancel, so its relative
+    error is the largest)."""
+    cfg32 = model_config(model, "mosi", **TINY)
+    cfg16 = replace(cfg32, precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        replace(cfg32, precision="fp16")
+    params = random_model_params(cfg32, seed=2)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        _param_shapes(cfg16))
+    inc, clean = make_batch(cfg32, 4, seed=3)
+
+    def forward(cfg):
+        return lambda p: build_model(cfg).apply({"params": p}, inc, clean, train=True,
+                                                 rngs=_rngs(1))
+
+    jaxpr = jax.make_jaxpr(forward(cfg16))(params)
+    dots = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
+    bf16 = [e for e in dots if all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    read_outs = [e for e in dots if e not in bf16]
+    assert len(bf16) > 10 * len(read_outs) > 0, (len(bf16), len(read_outs))
+    assert all(e.outvars[0].aval.shape[-1] <= 2 for e in read_outs)
+    out32 = jax.jit(forward(cfg32), compiler_options=FAST)(params)
+    out16 = jax.jit(forward(cfg16), compiler_options=FAST)(params)
+    for key, tol in (("pred", 0.15), ("tokens", 0.02), ("clean_tokens", 0.02)):
+        assert out16[key].dtype == jnp.float32
+        scale = float(np.abs(np.asarray(out32[key])).max())
+        np.testing.assert_allclose(np.asarray(out16[key]), np.asarray(out32[key]),
+                                   atol=tol * scale, err_msg=key)
+        assert not np.array_equal(np.asarray(out16[key]), np.asarray(out32[key])), key
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, nested sub-jaxprs (scan, cond, custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)

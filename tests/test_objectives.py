@@ -305,14 +305,14 @@ def test_ease_zero_weight_padding_leaves_every_term_unchanged(ease_run):
 # EASE: gradients
 # --------------------------------------------------------------------------------------------
 
-GROUPS = ("encoder/text", "encoder/audio", "encoder/vision", "imputer_", "gaussian_", "gate_",
-          "fusion")
+GROUPS = ("encoder/text", "encoder/audio", "encoder/vision", "imputers/transformer",
+          "imputers/gaussian", "gates", "fusion")
 # Which parameter groups each term must reach (True) or must not touch at all (False).
 REACH = {
     "sp": dict.fromkeys(GROUPS, True),
-    "ucmi": {**dict.fromkeys(GROUPS, True), "gate_": False, "fusion": False},
-    "uada": {**dict.fromkeys(GROUPS, True), "gate_": False, "fusion": False},
-    "anchor": {**dict.fromkeys(GROUPS, True), "gate_": False, "fusion": False},
+    "ucmi": {**dict.fromkeys(GROUPS, True), "gates": False, "fusion": False},
+    "uada": {**dict.fromkeys(GROUPS, True), "gates": False, "fusion": False},
+    "anchor": {**dict.fromkeys(GROUPS, True), "gates": False, "fusion": False},
     "cons": dict.fromkeys(GROUPS, True),
     "asym": dict.fromkeys(GROUPS, True),
     "total": dict.fromkeys(GROUPS, True),
@@ -321,7 +321,8 @@ REACH = {
 
 def _ease_group_norms(grads):
     flat = {f"encoder/{m}": grads["encoder"][m] for m in ("text", "audio", "vision")}
-    flat.update({k: v for k, v in grads.items() if k != "encoder"})
+    flat.update({f"imputers/{k}": v for k, v in grads["imputers"].items()})
+    flat.update({k: v for k, v in grads.items() if k not in ("encoder", "imputers")})
     return _group_norms(flat, GROUPS)
 
 
@@ -346,9 +347,11 @@ def test_ease_each_term_reaches_its_parameter_groups(ease_run, term):
             assert norms[group] == 0.0, (term, group)
     # The Gaussian heads' variance branch is trained by the NLL (Eq. 4) and the sampled paths.
     if term != "total":
-        var_norm = _group_norms({f"g{m}": ease_run["grads"][term][f"gaussian_{m}"]["var"]
-                                 for m in range(3)}, ("g",))["g"]
-        assert var_norm > 0, term
+        var_grad = ease_run["grads"][term]["imputers"]["gaussian"]["var"]  # [3, ...] leaves
+        for m in range(3):
+            var_norm = _group_norms({"g": jax.tree_util.tree_map(lambda x: x[m], var_grad)},
+                                    ("g",))["g"]
+            assert var_norm > 0, (term, m)
 
 
 def test_ease_asym_does_not_train_the_full_view(ease_run):
@@ -462,15 +465,15 @@ def test_lnln_gradients_finite_and_reach(lnln_run):
     for name, g in grads.items():
         for leaf in jax.tree_util.tree_leaves(g):
             assert np.isfinite(np.asarray(leaf)).all(), name
-    groups = ("encoder", "completeness", "proxy_", "discriminator_", "reconstructor_",
+    groups = ("encoder", "completeness", "proxy_", "discriminator_", "reconstructors",
               "language", "hyper_", "cross", "regressor")
     norms = {name: _group_norms(g, groups) for name, g in grads.items()}
     assert all(v > 0 for v in norms["total"].values()), norms["total"]
     # The discriminator is trained by L_adv only; the reconstructors by L_rec only.
     assert norms["adv"]["discriminator_"] > 0
     assert norms["sp"]["discriminator_"] == norms["cc"]["discriminator_"] == 0.0
-    assert norms["rec"]["reconstructor_"] > 0
-    assert norms["sp"]["reconstructor_"] == norms["adv"]["reconstructor_"] == 0.0
+    assert norms["rec"]["reconstructors"] > 0
+    assert norms["sp"]["reconstructors"] == norms["adv"]["reconstructors"] == 0.0
     # L_cc trains the completeness check (and the text encoder under it), nothing downstream.
     assert norms["cc"]["completeness"] > 0
     assert norms["cc"]["proxy_"] == norms["cc"]["regressor"] == 0.0

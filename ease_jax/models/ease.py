@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ease_jax.config import ModelConfig
-from ease_jax.layers import CompletenessGate, Dense, GaussianHead, Transformer
+from ease_jax.layers import CompletenessGate, Dense, GaussianHead, Transformer, per_modality
 from ease_jax.models.common import MultimodalEncoder, encode
 
 # For each target modality, the two modalities it is imputed from (section 6.2).
@@ -60,6 +60,21 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], index: jax.Array | N
     return jnp.moveaxis(rows, 0, 1)
 
 
+class Imputer(nn.Module):
+    """UCMI for one target modality (Eq. 1-2): Transformer(depth 2) over the 2K tokens of its two
+    source modalities -> the first K rows -> Gaussian head. `[B, 2K, d] -> ([B, K, d], [B, K, d])`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, ctx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        k, d = cfg.tokens, cfg.dim
+        h = Transformer(2 * k, 0, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim, outputs=k,
+                        dtype=cfg.compute_dtype, name="transformer")(ctx)
+        return GaussianHead(d, dtype=cfg.compute_dtype, name="gaussian")(h)
+
+
 class FusionHead(nn.Module):
     """Zero-initialised CLS token + fused tokens -> Transformer(depth 4) -> CLS -> Linear(d -> 1).
 
@@ -73,8 +88,8 @@ class FusionHead(nn.Module):
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, cfg.dim))
         x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, cfg.dim)), tokens], 1)
         x = Transformer(3 * cfg.tokens + 1, 0, cfg.dim, cfg.fusion_depth, cfg.heads, cfg.dim_head,
-                        cfg.mlp_dim, outputs=1, name="transformer")(x)
-        return Dense(1, name="regressor")(x[:, 0])[:, 0]
+                        cfg.mlp_dim, outputs=1, dtype=cfg.compute_dtype, name="transformer")(x)
+        return Dense(1, name="regressor")(x[:, 0])[:, 0]  # float32 read-out
 
 
 class EASE(nn.Module):
@@ -91,25 +106,19 @@ class EASE(nn.Module):
             out["clean_tokens"] = c
 
         if cfg.use_ucmi:
-            means, variances = [], []
-            for m, (s1, s2) in enumerate(SOURCES):
-                ctx = jnp.concatenate([h[s1], h[s2]], 1)  # [B, 2K, d]
-                ctx = Transformer(2 * k, 0, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim,
-                                  outputs=k, name=f"imputer_{m}")(ctx)
-                mean, var = GaussianHead(d, name=f"gaussian_{m}")(ctx)
-                means.append(mean)
-                variances.append(var)
-            mean, var = jnp.stack(means), jnp.stack(variances)
+            # The three imputers and the three gates share shapes: each trio is one module over a
+            # leading modality axis (own parameters per modality, compiled once).
+            ctx = jnp.stack([jnp.concatenate([h[s1], h[s2]], 1) for s1, s2 in SOURCES])
+            mean, var = per_modality(Imputer)(cfg, name="imputers")(ctx)  # [3, B, K, d] each
             if train or cfg.sample_at_eval:
                 eps = standard_normal(self.make_rng("noise"), mean.shape, index).astype(mean.dtype)
                 sample = mean + jnp.sqrt(var) * eps  # Eq. 3, reparameterised
             else:
                 sample = mean  # deterministic evaluation (project decision, section 7)
             rate = inputs["missing_rate"]  # [B, 3]
-            gate = jnp.stack(
-                [CompletenessGate(k, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim,
-                                  name=f"gate_{m}")(h[m]) for m in range(3)]
-            ) * (1.0 - rate.T)  # [3, B]
+            gates = per_modality(CompletenessGate)(k, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim,
+                                                   cfg.compute_dtype, name="gates")
+            gate = gates(h) * (1.0 - rate.T)  # [3, B]
             w = gate[..., None, None]
             fused = w * h + (1.0 - w) * sample
             out.update(imp_mean=mean, imp_var=var, imp_sample=sample, gate=gate, fused=fused,

@@ -5,7 +5,8 @@ Transformer) -> regressor.
 
 `LNLN(cfg).apply(variables, inputs, clean=None, train=False)` returns a dict:
   pred [B]; tokens [3, B, K, d] (h_l, h_a, h_v); clean_tokens [3, B, K, d] (when `clean` given);
-  completeness [B] (w); dominant [B, K, d] (h_d); reconstruction [3, B, K, d] (order l, a, v);
+  completeness [B] (w); dominant [B, K, d] (h_d); reconstruction [3, B, K, d] (order l, a, v; only
+  when `clean` is given: its one reader is the objective);
   disc_logits [2, B, K, 2] (row 0: h_d tokens, row 1: clean language tokens; when `clean` given).
 """
 
@@ -22,6 +23,7 @@ from ease_jax.layers import (
     HyperModalityLayer,
     Transformer,
     gradient_reversal,
+    per_modality,
 )
 from ease_jax.models.common import AUDIO, TEXT, VISION, MultimodalEncoder, encode
 
@@ -32,7 +34,8 @@ class LNLN(nn.Module):
     @nn.compact
     def __call__(self, inputs: dict, clean: dict | None = None, *, train: bool = False) -> dict:
         cfg = self.cfg
-        tf = dict(dim=cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim)
+        dt = cfg.compute_dtype
+        tf = dict(dim=cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dtype=dt)
         h, c = encode(MultimodalEncoder(cfg, name="encoder"), inputs, clean, train)
         _, b, k, d = h.shape
         h_l, h_a, h_v = h[TEXT], h[AUDIO], h[VISION]
@@ -48,19 +51,18 @@ class LNLN(nn.Module):
         if c is not None:
             out["clean_tokens"] = c
             disc_in = jnp.stack([h_d, c[TEXT]])  # [2, B, K, d]
-            hidden = nn.leaky_relu(Dense(64, name="discriminator_fc1")(disc_in), 0.1)
-            out["disc_logits"] = Dense(2, name="discriminator_fc2")(hidden)
-        out["reconstruction"] = jnp.stack(
-            [Transformer(k, 0, depth=2, name=f"reconstructor_{m}", **tf)(h[i])
-             for i, m in enumerate("lav")]
-        )
+            hidden = nn.leaky_relu(Dense(64, name="discriminator_fc1", dtype=dt)(disc_in), 0.1)
+            out["disc_logits"] = Dense(2, name="discriminator_fc2")(hidden)  # float32 read-out
+        if c is not None:  # read only by the objective (L_rec, against the clean tokens)
+            reconstructors = per_modality(Transformer)(k, 0, depth=2, name="reconstructors", **tf)
+            out["reconstruction"] = reconstructors(h)  # [3, B, K, d], one module per modality
 
         states = Transformer(k, 0, depth=2, return_hidden=True, name="language", **tf)(h_d)
         hyper = jnp.broadcast_to(self.param("hyper_tokens", nn.initializers.ones, (k, d)), (b, k, d))
         for i in range(cfg.hyper_layers):
-            hyper = HyperModalityLayer(d, cfg.heads, cfg.hyper_dim_head, name=f"hyper_{i}")(
+            hyper = HyperModalityLayer(d, cfg.heads, cfg.hyper_dim_head, dt, name=f"hyper_{i}")(
                 states[min(i, len(states) - 1)], h_a, h_v, hyper
             )
         target = CrossTransformer(k, depth=cfg.cross_depth, name="cross", **tf)(hyper, states[-1])
-        out["pred"] = Dense(1, name="regressor")(target[:, 1:].mean(1))[:, 0]
+        out["pred"] = Dense(1, name="regressor")(target[:, 1:].mean(1))[:, 0]  # float32 read-out
         return out
