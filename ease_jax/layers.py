@@ -40,7 +40,8 @@ def LayerNorm(name: str | None = None) -> nn.LayerNorm:
 # every such layer for the backward pass (1 GiB per layer at batch 2 x 64). `blockwise_attention`
 # keeps only q, k, v, the output and the row log-sum-exp, and recomputes the weights in the
 # backward pass, one block of at most ATTENTION_BLOCK query rows at a time.
-ATTENTION_BLOCK = 512  # query rows per block (one block up to 512 rows: MOSI's 508 and 383)
+ATTENTION_BLOCK = 512  # query rows per block at most (one block for MOSI's 508 and 383 ...)
+BLOCK_ELEMENTS = 2**26  # ... and at most this many logits per block (256 MiB in float32)
 LONG_SEQUENCE = 128  # query lengths above this use `blockwise_attention`
 
 
@@ -148,12 +149,14 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
     """Scaled dot-product attention without mask: [B, Tq, H*E], [B, Tk, H*E] x2 -> [B, Tq, H*E].
 
-    Query sequences longer than `LONG_SEQUENCE` rows use `blockwise_attention`: equal numbers, a
-    fraction of the memory. Matmuls run in the inputs' dtype (bfloat16 under `--precision bf16`);
+    Query sequences longer than `LONG_SEQUENCE` rows use `blockwise_attention` (blocks of at most
+    `ATTENTION_BLOCK` rows and `BLOCK_ELEMENTS` logits): equal numbers, a fraction of the memory. Matmuls run in the inputs' dtype (bfloat16 under `--precision bf16`);
     the logits and the softmax are float32.
     """
     if q.shape[1] > LONG_SEQUENCE:
-        return blockwise_attention(q, k, v, heads, ATTENTION_BLOCK)
+        per_row = q.shape[0] * heads * k.shape[1]  # logits of one query row over the batch
+        block = max(1, min(ATTENTION_BLOCK, BLOCK_ELEMENTS // per_row))
+        return blockwise_attention(q, k, v, heads, block)
     return _attention_core(q, k, v, heads)
 
 

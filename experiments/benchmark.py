@@ -18,7 +18,9 @@ For every (model, text encoder) pair this measures, on the default JAX backend:
   r = 0.5) on batches of `--eval-batch-size` (256, as `Evaluator`), compiled ahead of time, then the
   median of timed calls (its FLOPs are in the JSON);
 * peak memory: `memory_stats()["peak_bytes_in_use"]` of device 0 where the backend reports it,
-  else the worker process's max RSS (`resource.getrusage`), labelled as such.
+  else the worker process's max RSS (`resource.getrusage`), labelled as such; the JSON adds the
+  peak before the evaluation program exists (`train_peak_bytes`) and XLA's temporary buffers of
+  the compiled train step (`step_temp_bytes`).
 
 Data are synthetic MOSI (`ease_jax.data.synthetic`) with the real sequence lengths and widths
 (L = 50, T_a x D_a = 375 x 5, T_v x D_v = 500 x 20, text features 768); BERT mode uses a randomly
@@ -209,6 +211,11 @@ def _fmt_flops(flops: float | None) -> str:
     return "FLOPs n/a" if flops is None else f"{flops / 1e9:.1f} GFLOP"
 
 
+def _temp_bytes(memory_analysis) -> int | None:
+    """XLA's temporary buffer size of a compiled program (its working memory), where reported."""
+    return getattr(memory_analysis, "temp_size_in_bytes", None) if memory_analysis else None
+
+
 def _peak_memory() -> dict:
     import jax
 
@@ -332,7 +339,10 @@ def run_config(model: str, text_encoder: str, args) -> dict:
             _log(f"{tag}: step {i + 1}/{args.steps} {times[-1]:.3f}s")
     step_s = statistics.median(times)
     loss_last = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
+    compiled_memory = compiled.memory_analysis()
     del compiled
+
+    train_mem = _peak_memory()  # before the evaluation program exists (max RSS only grows)
 
     # Evaluation forward pass (the jitted function `Evaluator` uses), masks at r = 0.5.
     _log(f"{tag}: median step {step_s:.4f}s; compiling the evaluation forward pass")
@@ -371,7 +381,9 @@ def run_config(model: str, text_encoder: str, args) -> dict:
         "eval_gflops_per_s": eval_flops / eval_s / 1e9 if eval_flops else None,
         "eval_samples_per_s": args.eval_batch_size / eval_s,
         "loss_first": loss0, "loss_last": loss_last,
-        **mem, "wall_s": time.perf_counter() - t_start, "error": None,
+        **mem, "train_peak_bytes": train_mem["peak_bytes"],
+        "step_temp_bytes": _temp_bytes(compiled_memory),
+        "wall_s": time.perf_counter() - t_start, "error": None,
     }
     _log(f"{tag}: done in {row['wall_s']:.0f}s: {row['steps_per_s']:.3f} steps/s, "
          f"{row['epoch_s']:.2f} s/epoch, eval {row['eval_samples_per_s']:.1f} samples/s, "
@@ -467,7 +479,7 @@ def _fmt_mem(row: dict) -> str:
 
 def table(rows: list[dict], env: dict) -> str:
     head = ("| device | model | text encoder | step s | s/epoch | GFLOP/step | GFLOP/s | "
-            "compile s | eval compile s | eval samples/s | peak memory |")
+            "compile s | eval compile s | eval samples/s | peak memory (train / with eval) |")
     lines = [head, "|" + "---|" * 11]
     dev = device_name(env)
     for r in rows:
@@ -480,7 +492,8 @@ def table(rows: list[dict], env: dict) -> str:
         lines.append(
             f"| {dev} | {r['model']} | {r['text_encoder']} | {r['step_s_median']:.3f} | "
             f"{r['epoch_s']:.2f} | {gflop} | {rate} | {r['compile_s']:.1f} | "
-            f"{r['eval_compile_s']:.1f} | {r['eval_samples_per_s']:.1f} | {_fmt_mem(r)} |")
+            f"{r['eval_compile_s']:.1f} | {r['eval_samples_per_s']:.1f} | "
+            f"{r['train_peak_bytes'] / 2**30:.2f} / {_fmt_mem(r)} |")
     return "\n".join(lines)
 
 

@@ -217,11 +217,16 @@ def test_long_sequences_use_the_blockwise_attention_with_equal_numbers(monkeypat
                                           argnums=(0, 1, 2)))(q, k, v)
 
     value, grads = value_and_grads(layers.multi_head_attention)
-    assert calls == [layers.ATTENTION_BLOCK]
+    assert calls == [layers.ATTENTION_BLOCK]  # 1 x 8 x 508 logits per row: one block
+    monkeypatch.setattr(layers, "BLOCK_ELEMENTS", 100 * 8 * 508)  # now 100 rows per block
+    value_blocks, grads_blocks = value_and_grads(layers.multi_head_attention)
+    assert calls[-1] == 100
+    np.testing.assert_allclose(float(value_blocks), float(value), rtol=1e-6)
     ref_value, ref_grads = value_and_grads(layers._attention_core)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-    for g, ref in zip(grads, ref_grads):
+    for g, g_blocks, ref in zip(grads, grads_blocks, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g_blocks), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 _BLOCKWISE = layers.blockwise_attention
