@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="matmul precision of the model (bf16: for GPUs)")
+    p.add_argument("--no-encode-once", action="store_true",
+                   help="encode both passes in full instead of rows with equal clean and "
+                        "incomplete inputs once (same numbers; for A/B comparisons)")
     p.add_argument("--init", choices=("shapes", "flax"), default="shapes",
                    help="parameters: 'shapes' = eval_shape + direct fill (fast; speed does not "
                         "depend on the values), 'flax' = jax.jit(init_params) (slow to compile)")
@@ -254,6 +257,9 @@ def run_config(model: str, text_encoder: str, args) -> dict:
         steps_per_epoch,
     )
 
+    from ease_jax.models import common
+
+    common.ENCODE_ONCE = not args.no_encode_once
     tag = f"{model}/{text_encoder}"
     t_start = time.perf_counter()
     mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision)
@@ -407,6 +413,7 @@ def _run_isolated(model: str, text_encoder: str, args) -> dict:
                "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
                "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
                "--precision", args.precision,
+               *(["--no-encode-once"] if args.no_encode_once else []),
                "--init", args.init]
         t0 = time.perf_counter()
         try:
@@ -548,7 +555,7 @@ def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -
         "settings": {"steps": args.steps, "warmup": args.warmup, "eval_steps": args.eval_steps,
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "parallel": args.parallel, "isolated": not args.no_isolate,
-                     "precision": args.precision,
+                     "precision": args.precision, "encode_once": not args.no_encode_once,
                      "init": args.init,
                      "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},
         "environment": env, "device": device_name(env), "total_s": total_s,
