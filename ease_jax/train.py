@@ -191,10 +191,14 @@ class ParallelStep:
     def __call__(self, state, batch, rng):
         return self._fn(state, batch, rng)
 
+    def lower(self, state, batch, rng):
+        """The step traced and lowered for these (device) arguments (`jax.stages.Lowered`)."""
+        return self._fn.lower(state, batch, rng)
+
     def compile(self, state, batch, rng):
         """The step compiled ahead of time for these (device) arguments: a callable with the
         same signature, whose `cost_analysis()` reports XLA's FLOP count."""
-        return self._fn.lower(state, batch, rng).compile()
+        return self.lower(state, batch, rng).compile()
 
     def put_state(self, state):
         if self.mode == "pmap":

@@ -189,11 +189,12 @@ def loop_free_program():
         layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL = saved
 
 
-def _reference_flops(fn, *args) -> float | None:
-    """FLOPs of `fn(*args)` (a jit / pmap function built inside `loop_free_program`, whose trace
-    happens at lowering) from the cost analysis of the lowered, loop-free program."""
+def _reference_flops(lower, *args) -> float | None:
+    """FLOPs of the program `lower(*args)` returns (the `lower` of a jit / pmap function or of a
+    `ParallelStep` not yet traced: it traces at lowering) from the cost analysis of the lowered
+    program, traced inside `loop_free_program`."""
     with loop_free_program():
-        lowered = fn.lower(*args)
+        lowered = lower(*args)
     return _flops(lowered)
 
 
@@ -315,7 +316,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     compile_s = time.perf_counter() - t0
     reference_step = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe, MOSI_TRAIN),
                                   args.parallel)  # a new function: traced afresh, loop-free
-    step_flops = _reference_flops(reference_step._fn, dev_state, par.put_batch(batches[0]),
+    step_flops = _reference_flops(reference_step.lower, dev_state, par.put_batch(batches[0]),
                                   step_key(0))
     _log(f"{tag}: compiled in {compile_s:.1f}s ({_fmt_flops(step_flops)} per step); "
          f"{1 + args.warmup} warm-up + {args.steps} timed steps")
@@ -360,7 +361,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     t0 = time.perf_counter()
     predict_compiled = predict.lower(params, ebatch, keep, eval_key).compile()
     eval_compile_s = time.perf_counter() - t0
-    eval_flops = _reference_flops(make_predict_fn(mcfg), params, ebatch, keep, eval_key)
+    eval_flops = _reference_flops(make_predict_fn(mcfg).lower, params, ebatch, keep, eval_key)
     eval_times = []
     for i in range(args.eval_steps + 1):  # first of these is a warm-up
         t0 = time.perf_counter()
