@@ -13,6 +13,7 @@ a batch that does not divide by the device count costs nothing but the padding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +38,11 @@ AXIS = "data"
 class TrainState(flax.struct.PyTreeNode):
     """step: [] int32 (optimizer steps taken); params; opt_state; anchors (EASE) or None;
     rng: the run's base key for per-step randomness (each step uses fold_in(rng, step));
-    mask_rng: the base key of the training masks (epoch e uses fold_in(mask_rng, e)). Both are raw
-    uint32 key data."""
+    mask_rng: the base key of the training masks (epoch e uses fold_in(mask_rng, e));
+    order_rng: the base key of the data order (epoch e shuffles with fold_in(order_rng, e));
+    the keys are raw uint32 key data. hparams: the run's numbers that leave the program unchanged,
+    float32 scalars `{"lr": base learning rate, <every LOSS_WEIGHTS name>: weight}` (so runs that
+    differ only in them train as one population, `ease_jax.population`)."""
 
     step: jax.Array
     params: Any
@@ -46,6 +50,31 @@ class TrainState(flax.struct.PyTreeNode):
     anchors: Any
     rng: jax.Array
     mask_rng: jax.Array
+    order_rng: jax.Array
+    hparams: Any
+
+
+# The weights of `LossConfig` that a run carries as numbers (`TrainState.hparams`). The switches
+# use_ucsa / use_mipc fold into them (a switched-off term has weight 0).
+LOSS_WEIGHTS = ("sp", "ucmi", "uada", "anchor", "cons", "asym", "cc", "adv", "rec")
+
+
+def run_hparams(loss_cfg: LossConfig, lr: float) -> dict:
+    """`TrainState.hparams` of a run: base lr and the effective loss weights (a switched-off
+    component's weights are 0), float32 scalars."""
+    weights = {k: float(getattr(loss_cfg, k)) for k in LOSS_WEIGHTS}
+    if not loss_cfg.use_ucsa:
+        weights.update(uada=0.0, anchor=0.0)
+    if not loss_cfg.use_mipc:
+        weights.update(cons=0.0, asym=0.0)
+    return {k: np.float32(v) for k, v in dict(lr=lr, **weights).items()}
+
+
+def weighted_loss_config(loss_cfg: LossConfig, hparams: dict) -> LossConfig:
+    """`loss_cfg` with its weights replaced by the run's (possibly traced) `hparams` and both
+    switches on (they are already folded into the weights, `run_hparams`)."""
+    return dataclasses.replace(loss_cfg, use_ucsa=True, use_mipc=True,
+                               **{k: hparams[k] for k in LOSS_WEIGHTS})
 
 
 def epoch_lr(epoch: jax.Array, base_lr: float, warmup: int, total: int) -> jax.Array:
@@ -64,28 +93,35 @@ def epoch_lr(epoch: jax.Array, base_lr: float, warmup: int, total: int) -> jax.A
     return jnp.where(epoch <= warmup, warm, cosine)
 
 
-def make_optimizer(train_cfg: TrainConfig, model: str, steps_per_epoch: int):
-    """AdamW over all parameters (BERT included), lr stepped once per epoch, no clipping."""
-    base = train_cfg.learning_rate(model)
+def make_optimizer(train_cfg: TrainConfig, steps_per_epoch: int):
+    """AdamW over all parameters (BERT included), lr stepped once per epoch, no clipping, at a
+    UNIT base learning rate: the step multiplies the updates by the run's base lr
+    (`hparams["lr"]`), so runs with different learning rates share one program. AdamW's update
+    is `-lr * (adam + wd * param)`, linear in lr, so this is AdamW at lr = base * schedule."""
 
     def schedule(count):
-        return epoch_lr(count // steps_per_epoch, base, train_cfg.warmup_epochs, train_cfg.epochs)
+        return epoch_lr(count // steps_per_epoch, 1.0, train_cfg.warmup_epochs, train_cfg.epochs)
 
     return optax.adamw(schedule, weight_decay=train_cfg.weight_decay)
 
 
 def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, steps_per_epoch: int,
-                 params: Any = None) -> TrainState:
+                 params: Any = None, loss_cfg: LossConfig | None = None,
+                 lr: float | None = None) -> TrainState:
     """A fresh TrainState for `seed` (params initialised from it unless given, e.g. with
-    pretrained BERT weights already inserted)."""
-    k_init, k_run, k_masks = jax.random.split(jax.random.key(seed), 3)
+    pretrained BERT weights already inserted); `loss_cfg` (default `LossConfig()`) and `lr`
+    (default the train config's) give its `hparams`."""
+    k_init, k_run, k_masks, k_order = jax.random.split(jax.random.key(seed), 4)
     if params is None:
         params = init_params(model_cfg, k_init)
-    tx = make_optimizer(train_cfg, model_cfg.model, steps_per_epoch)
+    tx = make_optimizer(train_cfg, steps_per_epoch)
     anchors = init_anchors(3, model_cfg.dim) if model_cfg.model == "ease" else None
+    lr = train_cfg.learning_rate(model_cfg.model) if lr is None else lr
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       anchors=anchors, rng=jax.random.key_data(k_run),
-                      mask_rng=jax.random.key_data(k_masks))
+                      mask_rng=jax.random.key_data(k_masks),
+                      order_rng=jax.random.key_data(k_order),
+                      hparams=run_hparams(loss_cfg or LossConfig(), lr))
 
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
@@ -104,13 +140,13 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
     """
     model = build_model(model_cfg)
     loss_fn = model_loss(model_cfg.model)
-    tx = make_optimizer(train_cfg, model_cfg.model, steps_per_epoch)
+    tx = make_optimizer(train_cfg, steps_per_epoch)
     text_mode = model_cfg.text_encoder
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         if "index" not in batch:
             raise KeyError("train step: batch needs 'index' (rows' positions in the training "
-                           "split; see `epoch_batches`)")
+                           "split; see `epoch_rows` and `gather_rows`)")
         key = jax.random.wrap_key_data(rng)
         k_noise, k_views, k_dropout = jax.random.split(key, 3)
         if axis_name is not None:
@@ -118,11 +154,12 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
         inputs, _ = train_inputs(state, batch, n_train=n_train, steps_per_epoch=steps_per_epoch,
                                  text_mode=text_mode)
         target = dict(batch, missing_rate=inputs["missing_rate"])
+        run_loss = weighted_loss_config(loss_cfg, state.hparams)
 
         def objective(params):
             outputs = model.apply({"params": params}, inputs, batch, train=True,
                                   rngs={"noise": k_noise, "views": k_views, "dropout": k_dropout})
-            total, terms, anchors = loss_fn(outputs, target, state.anchors, loss_cfg,
+            total, terms, anchors = loss_fn(outputs, target, state.anchors, run_loss,
                                             axis_name=axis_name)
             return total, (terms, anchors)
 
@@ -131,9 +168,11 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
             grads = jax.lax.pmean(grads, axis_name)
             terms = jax.lax.pmean(terms, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        base_lr = state.hparams["lr"]
+        updates = jax.tree_util.tree_map(lambda u: (base_lr * u).astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(terms, nonfinite=1.0 - jnp.isfinite(terms["total"]).astype(jnp.float32),
-                       lr=tx_lr(state.step, train_cfg, model_cfg.model, steps_per_epoch))
+                       lr=tx_lr(state.step, train_cfg, steps_per_epoch, base_lr))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   anchors=anchors)
         return new_state, metrics
@@ -159,9 +198,10 @@ def train_inputs(state: TrainState, batch: dict, *, n_train: int, steps_per_epoc
     return apply_keep_masks(batch, keep, text_mode=text_mode), keep
 
 
-def tx_lr(step, train_cfg: TrainConfig, model: str, steps_per_epoch: int) -> jax.Array:
-    return epoch_lr(step // steps_per_epoch, train_cfg.learning_rate(model),
-                    train_cfg.warmup_epochs, train_cfg.epochs)
+def tx_lr(step, train_cfg: TrainConfig, steps_per_epoch: int, base_lr) -> jax.Array:
+    """The learning rate the optimizer applies at `step` for a run of base lr `base_lr`."""
+    return epoch_lr(step // steps_per_epoch, 1.0, train_cfg.warmup_epochs,
+                    train_cfg.epochs) * base_lr
 
 
 class ParallelStep:
@@ -245,149 +285,42 @@ def global_batch_size(batch_size: int, n_devices: int) -> int:
     return int(math.ceil(batch_size / n_devices) * n_devices)
 
 
-def epoch_batches(arrays: dict, batch_size: int, seed: int, epoch: int):
-    """Shuffled mini-batches of host arrays for one epoch (deterministic in (seed, epoch), so a
-    resumed run sees the same order). Yields dicts of [<= batch_size, ...] arrays plus `index`
-    (int32 rows of the split, which the train step's masks and noise are keyed by); the last
-    batch may be partial (kept, padded by the caller)."""
-    n = next(iter(arrays.values())).shape[0]
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    for start in range(0, n, batch_size):
-        idx = np.sort(order[start : start + batch_size])
-        yield {k: v[idx] for k, v in arrays.items()} | {"index": idx.astype(np.int32)}
+def epoch_rows(order_rng: jax.Array, epoch, n: int, batch_size: int,
+               global_size: int | None = None) -> jax.Array:
+    """The data order of one epoch, drawn on device (jit-able): `[steps, global_size]` int32 rows
+    of the training split of `n` samples. A uniformly random permutation from
+    `fold_in(order_rng, epoch)` (so a resumed run sees the same order) cut into `steps =
+    ceil(n / batch_size)` batches of `batch_size` (the last one partial), each padded with -1 (a
+    padding row: zero inputs, weight 0) to `global_size` (default `batch_size`; the global batch
+    is a multiple of the data-device count, `global_batch_size`)."""
+    global_size = batch_size if global_size is None else global_size
+    if global_size < batch_size:
+        raise ValueError(f"global_size {global_size} < batch_size {batch_size}")
+    key = jax.random.fold_in(jax.random.wrap_key_data(order_rng), epoch)
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+    steps = steps_per_epoch(n, batch_size)
+    rows = jnp.pad(perm, (0, steps * batch_size - n), constant_values=-1)
+    rows = rows.reshape(steps, batch_size)
+    return jnp.pad(rows, ((0, 0), (0, global_size - batch_size)), constant_values=-1)
+
+
+def gather_rows(arrays: dict, rows: jax.Array) -> dict:
+    """A batch of device-resident split arrays: `arrays[k][rows]` with the -1 rows of
+    `epoch_rows` as zero rows, plus `index` (the rows, padding at 0) and `weight` (1 real, 0
+    padding) -- the batch `pad_batch` builds on the host. `rows [B] -> {k: [B, ...]}`."""
+    real = rows >= 0
+    index = jnp.where(real, rows, 0)
+    out = {k: jnp.where(real.reshape(-1, *[1] * (v.ndim - 1)), v[index], jnp.zeros((), v.dtype))
+           for k, v in arrays.items()}
+    return out | {"index": index, "weight": real.astype(jnp.float32)}
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return int(math.ceil(n / batch_size))
 
 
-
-# ----------------------------------------------------------------------------------------------
-# The fit loop: one seed, epoch by epoch, with selection, full-protocol evaluation and checkpoints.
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a training step produced a non-finite objective."""
-
-
-def _check_finite(history: list[dict], first_step: int) -> None:
-    for i, m in enumerate(history):
-        if m["nonfinite"] > 0:
-            bad = {k: float(v) for k, v in m.items() if k != "lr" and not np.isfinite(v)}
-            raise NonFiniteLossError(
-                f"non-finite loss at step {first_step + i}: terms {bad or m} "
-                "(lower the learning rate or check the data for extreme values)")
-
-
-def fit_seed(run, data, seed: int, out_dir, *, parallel: str = "pmap", resume: bool = False,
-             params=None, burst_rates=(), log=print, progress: bool = True) -> dict:
-    """Train `run.model` on `data.train` for `run.train.epochs` epochs with `seed`; after every
-    epoch evaluate valid and test at r = `run.train.eval_rate`, update both selection protocols
-    (saving the parameters of newly selected epochs under `out_dir/selected`) and checkpoint the
-    full state to `out_dir/latest`. At the end, run the full robustness protocol on test once per
-    distinct selected epoch, and save the honest choice to `out_dir/best`.
-
-    Returns {"selected": {criterion: protocol results}, "selection": {...}, "history": [...],
-    "seconds": {...}}. With `resume`, continues from `out_dir/latest` if it exists.
-    """
-    import time
-    from pathlib import Path
-
-    from tqdm.auto import tqdm
-
-    from ease_jax import checkpoint
-    from ease_jax.evaluate import Evaluator, Selector
-
-    out_dir = Path(out_dir)
-    mcfg, tcfg = run.model, run.train
-    train_arrays = _model_arrays(data.train, mcfg)
-    n_train = data.train.n
-    spe = steps_per_epoch(n_train, tcfg.batch_size)
-    step_fn = make_train_step(mcfg, run.loss, tcfg, spe, n_train)
-    par = ParallelStep(step_fn, parallel)
-    gbs = global_batch_size(tcfg.batch_size, par.n)
-    state = create_state(mcfg, tcfg, seed, spe, params=params)
-    selector = Selector(run.dataset)
-    record = {"epoch": -1, "selected": {}, "history": [], "seconds": {"train": 0.0, "eval": 0.0}}
-    if resume and checkpoint.latest_step(out_dir / "latest") is not None:
-        state, record = checkpoint.restore(out_dir / "latest", state)
-        selector.load_state_dict(record["selection"])
-        log(f"seed {seed}: resumed after epoch {record['epoch'] + 1} from {out_dir / 'latest'}")
-    selected_dir = out_dir / "selected"
-    if not resume and selected_dir.exists():  # a fresh run must not pick up an older run's epochs
-        log(f"seed {seed}: starting afresh; replacing the checkpoints in {out_dir}")
-        _prune_selected(selected_dir, set())
-    valid_eval = Evaluator(mcfg, data.valid, run.dataset)
-    test_eval = Evaluator(mcfg, data.test, run.dataset)
-    dev_state = par.put_state(state)
-    base_key = jax.random.wrap_key_data(np.asarray(state.rng))
-
-    epochs = range(record["epoch"] + 1, tcfg.epochs)
-    bar = tqdm(epochs, desc=f"{mcfg.model} seed {seed}", unit="epoch", disable=not progress,
-               initial=record["epoch"] + 1, total=tcfg.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        step0 = epoch * spe
-        metrics = []
-        for i, batch in enumerate(epoch_batches(train_arrays, tcfg.batch_size, seed, epoch)):
-            rng = jax.random.key_data(jax.random.fold_in(base_key, step0 + i))
-            dev_state, m = par(dev_state, par.put_batch(pad_batch(batch, gbs)), rng)
-            metrics.append(par.metrics(m))
-        metrics = jax.device_get(metrics)  # one host transfer per epoch
-        _check_finite(metrics, step0)
-        t1 = time.perf_counter()
-        params_now = par.get_state(dev_state).params
-        valid = valid_eval.metrics(params_now, "rate", tcfg.eval_rate)
-        test = test_eval.metrics(params_now, "rate", tcfg.eval_rate)
-        improved = selector.update(epoch, valid, test)
-        if improved:  # keep this epoch's parameters until no criterion selects it any more
-            checkpoint.save(selected_dir / f"epoch_{epoch}", epoch, params_now, {"epoch": epoch})
-            _prune_selected(selected_dir, set(selector.epoch.values()) - {None})
-        t2 = time.perf_counter()
-        train_loss = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-        summary = {"epoch": epoch + 1, "train": train_loss, "valid": valid, "test": test,
-                   "improved": improved, "seconds_train": t1 - t0, "seconds_eval": t2 - t1}
-        record["history"].append(summary)
-        record["seconds"]["train"] += t1 - t0
-        record["seconds"]["eval"] += t2 - t1
-        record["epoch"] = epoch
-        record["selection"] = selector.state_dict()
-        log(f"seed {seed} epoch {epoch + 1}/{tcfg.epochs} loss {train_loss['total']:.4f} "
-            f"lr {train_loss['lr']:.2e} valid MAE {valid['MAE']:.4f} test@{tcfg.eval_rate} MAE "
-            f"{test['MAE']:.4f} improved {','.join(improved) or '-'} "
-            f"({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
-        bar.set_postfix(loss=f"{train_loss['total']:.3f}", val_mae=f"{valid['MAE']:.3f}")
-        checkpoint.save(out_dir / "latest", epoch, par.get_state(dev_state), record)
-    # Full robustness protocol, once per distinct selected epoch (section 4).
-    t0 = time.perf_counter()
-    final = par.get_state(dev_state)
-    record["selected"] = {}
-    # A criterion whose metric was never finite (e.g. Corr of a constant predictor) selected no
-    # epoch; its metrics read NaN in the paper table (`protocol_table`).
-    for epoch in sorted({e for e in selector.epoch.values() if e is not None}):
-        params_sel, _ = checkpoint.restore(selected_dir / f"epoch_{epoch}", final.params)
-        full = test_eval.protocol(params_sel, burst_rates=burst_rates)
-        for c, e in selector.epoch.items():
-            if e == epoch:
-                record["selected"][c] = dict(full, epoch=epoch)
-        if selector.epoch["honest"] == epoch:
-            checkpoint.save(out_dir / "best", epoch, params_sel, {"epoch": epoch, "seed": seed})
-    record["seconds"]["protocol"] = time.perf_counter() - t0
-    record["final_state"] = final
-    return record
-
-
-def _prune_selected(selected_dir, keep_epochs: set) -> None:
-    """Delete saved parameters of epochs that no selection criterion points at any more."""
-    import shutil
-
-    for d in selected_dir.glob("epoch_*"):
-        if int(d.name.split("_")[1]) not in keep_epochs:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _model_arrays(split, mcfg: ModelConfig) -> dict:
-    """The host arrays the train step reads (labels included), per text mode."""
+def model_arrays(split, mcfg: ModelConfig) -> dict:
+    """The host arrays of a split the train step reads (labels included), per text mode."""
     arrays = split.arrays()
     keys = ["text_ids", "text_mask", "text_types", "audio", "vision", "audio_lengths",
             "vision_lengths", "labels"]

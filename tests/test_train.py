@@ -1,14 +1,10 @@
-"""Tests of `ease_jax.train`: schedule, batching, the pmap / shard_map wrappers, global-batch
-normalisation under padding, the non-finite guard and the fit loop (resume equality).
+"""Tests of `ease_jax.train`: schedule, run numbers, the device data order, the pmap / shard_map
+wrappers, global-batch normalisation under padding and the non-finite guard. (The fit loop and
+the population engine: tests/test_fit.py, tests/test_population.py.)
 
 Compiling a train step costs minutes on a 2-core CPU, so every model here is TINY and the few
-compiled steps are shared:
-
-* one per-device EASE step (module fixture `tiny`) serves the pmap tests on 4 devices AND every
-  `fit_seed` run (pmap caches its compilation per step function; `fit_seed` gets the same function
-  through a memoising `make_train_step`);
-* `fit_seed` runs share one compiled predict function (memoising `make_predict_fn`);
-* the LNLN variants of the pmap == shard_map test are marked `slow`.
+compiled steps are shared: one per-device EASE step (module fixture `tiny`) serves the pmap
+tests on 4 devices; the LNLN variants of the pmap == shard_map test are marked `slow`.
 """
 
 from __future__ import annotations
@@ -143,7 +139,7 @@ def test_optimizer_is_adamw_stepped_per_epoch():
     epoch 1's lr: the same update as a constant-lr AdamW that saw the same gradient history."""
     cfg = TrainConfig(lr=0.1, warmup_epochs=2, epochs=10, weight_decay=0.3)
     spe = 2
-    tx = T.make_optimizer(cfg, "ease", spe)
+    tx = T.make_optimizer(cfg, spe)  # unit base lr: the step scales the updates by 0.1
     lr1 = 0.1 * 1 / 2  # epoch 1 of a 2-epoch warm-up
     ref = optax.adamw(lr1, weight_decay=0.3)
     params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
@@ -151,6 +147,7 @@ def test_optimizer_is_adamw_stepped_per_epoch():
     state, ref_state = tx.init(params), ref.init(params)
     for k, g in enumerate(grads):
         upd, state = tx.update(g, state, params)
+        upd = jax.tree_util.tree_map(lambda u: 0.1 * u, upd)
         ref_upd, ref_state = ref.update(g, ref_state, params)
         if k < spe:
             assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree_util.tree_leaves(upd))
@@ -162,12 +159,26 @@ def test_optimizer_is_adamw_stepped_per_epoch():
 def test_tx_lr_matches_epoch_lr():
     cfg = TrainConfig(lr=2e-3, warmup_epochs=3, epochs=12)
     for step in (0, 4, 5, 9, 17, 35):
-        assert float(T.tx_lr(step, cfg, "ease", 5)) == pytest.approx(
-            float(T.epoch_lr(step // 5, 2e-3, 3, 12)), rel=1e-7, abs=0
+        assert float(T.tx_lr(step, cfg, 5, 2e-3)) == pytest.approx(
+            float(T.epoch_lr(step // 5, 2e-3, 3, 12)), rel=1e-6, abs=0
         )
-    # The model default lr is used without an explicit one.
-    assert float(T.tx_lr(20, TrainConfig(), "lnln", 1)) == pytest.approx(1e-4, rel=1e-6)
-    assert float(T.tx_lr(20, TrainConfig(), "ease", 1)) == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_run_hparams_fold_the_switches_into_the_weights():
+    hp = T.run_hparams(LossConfig(uada=0.3, cons=1.5), 2e-4)
+    assert set(hp) == {"lr", *T.LOSS_WEIGHTS}
+    assert all(v.dtype == np.float32 and v.shape == () for v in hp.values())
+    assert float(hp["lr"]) == pytest.approx(2e-4) and float(hp["uada"]) == pytest.approx(0.3)
+    off = T.run_hparams(LossConfig(use_ucsa=False, use_mipc=False), 1e-3)
+    assert [float(off[k]) for k in ("uada", "anchor", "cons", "asym")] == [0.0] * 4
+    assert float(off["ucmi"]) == 0.5 and float(off["sp"]) == 1.0
+    # The model default lr lands in the state without an explicit one.
+    data = tiny_data()
+    for model, lr in (("ease", 1e-5), ("lnln", 1e-4)):
+        shapes = jax.eval_shape(lambda: T.create_state(tiny_model(model, data), TrainConfig(), 0, 3))
+        assert shapes.hparams["lr"].shape == ()
+        st = T.run_hparams(LossConfig(), TrainConfig().learning_rate(model))
+        assert float(st["lr"]) == pytest.approx(lr)
 
 
 def test_pad_batch_adds_zero_rows_and_weight():
@@ -209,41 +220,59 @@ def test_steps_per_epoch(n, bs, expected):
     assert T.steps_per_epoch(n, bs) == expected
 
 
-def test_epoch_batches_partition_and_determinism():
+def test_epoch_rows_partition_padding_and_determinism():
     n, bs = 23, 8
-    arrays = {
-        "row": np.arange(n),
-        "ten": np.arange(n) * 10.0,
-        "feat": np.arange(n * 2).reshape(n, 2),
-    }
+    key = jax.random.key_data(jax.random.key(3))
 
-    def rows(seed, epoch):
-        return [b["row"].tolist() for b in T.epoch_batches(arrays, bs, seed, epoch)]
+    def rows(k, epoch, global_size=None):
+        return np.asarray(T.epoch_rows(k, epoch, n, bs, global_size))
 
-    batches = list(T.epoch_batches(arrays, bs, 1111, 0))
-    assert [len(b["row"]) for b in batches] == [8, 8, 7]  # last batch partial, kept
-    for b in batches:  # the arrays stay aligned row by row
-        np.testing.assert_array_equal(b["ten"], b["row"] * 10.0)
-        np.testing.assert_array_equal(b["feat"], arrays["feat"][b["row"]])
-    flat = sorted(r for b in rows(1111, 0) for r in b)
-    assert flat == list(range(n))  # every row exactly once
-    assert rows(1111, 0) == rows(1111, 0)  # deterministic in (seed, epoch)
-    assert rows(1111, 1) != rows(1111, 0)
-    assert rows(1112, 0) != rows(1111, 0)
-    assert rows(1111, 0) != [list(range(8)), list(range(8, 16)), list(range(16, 23))]
+    r = rows(key, 0)
+    assert r.shape == (3, 8) and r.dtype == np.int32
+    assert list((r >= 0).sum(1)) == [8, 8, 7]  # last batch partial, one padding row at its end
+    assert r[2, 7] == -1
+    assert sorted(r[r >= 0].tolist()) == list(range(n))  # every row exactly once
+    np.testing.assert_array_equal(rows(key, 0), r)  # deterministic in (key, epoch)
+    assert not np.array_equal(rows(key, 1), r)
+    assert not np.array_equal(rows(jax.random.key_data(jax.random.key(4)), 0), r)
+    assert not np.array_equal(r[r >= 0], np.arange(n))  # shuffled
+    wide = rows(key, 0, 12)  # global batch of 12 (3 devices): 4 more padding rows per step
+    assert wide.shape == (3, 12)
+    np.testing.assert_array_equal(wide[:, :8], r)
+    assert np.all(wide[:, 8:] == -1)
+    with pytest.raises(ValueError, match="global_size"):
+        T.epoch_rows(key, 0, n, bs, 4)
 
 
-def test_check_finite_names_the_step():
-    ok = {"total": 1.0, "sp": 0.5, "lr": 1e-3, "nonfinite": 0.0}
-    T._check_finite([ok, ok], 40)  # no error
-    bad = {"total": float("nan"), "sp": float("nan"), "ucmi": 0.3, "lr": 1e-3, "nonfinite": 1.0}
-    inf = {"total": float("inf"), "sp": 2.0, "lr": 1e-3, "nonfinite": 1.0}
-    with pytest.raises(T.NonFiniteLossError, match=r"non-finite loss at step 41") as err:
-        T._check_finite([ok, bad, inf], 40)
-    assert "sp" in str(err.value) and "ucmi" not in str(err.value)
-    assert isinstance(err.value, FloatingPointError)
-    with pytest.raises(T.NonFiniteLossError, match=r"step 7\b"):
-        T._check_finite([inf], 7)
+def test_gather_rows_is_pad_batch_on_device():
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(5, 2, 3)).astype(np.float32),
+              "ids": rng.integers(1, 9, size=(5, 4)).astype(np.int32),
+              "labels": rng.normal(size=5).astype(np.float32)}
+    rows = np.array([3, 0, 4, -1, -1], np.int32)
+    out = jax.device_get(jax.jit(T.gather_rows)(arrays, rows))
+    ref = T.pad_batch({k: v[[3, 0, 4]] for k, v in arrays.items()}, 5)
+    assert set(out) == set(ref) | {"index"}
+    for k in ref:
+        np.testing.assert_array_equal(out[k], ref[k])
+        assert out[k].dtype == ref[k].dtype
+    np.testing.assert_array_equal(out["index"], [3, 0, 4, 0, 0])
+
+
+def test_check_finite_names_the_run_and_step():
+    from ease_jax.fit import NonFiniteLossError, _check_finite
+    from ease_jax.population import Run
+
+    runs = [Run(1), Run(2, name="w/o MIPC")]
+    ok = {"total": np.ones((2, 3)), "sp": np.ones((2, 3)), "lr": np.ones((2, 3)),
+          "nonfinite": np.zeros((2, 3))}
+    _check_finite(ok, runs, 40)  # no error
+    bad = {k: v.copy() for k, v in ok.items()}
+    bad["total"][1, 2] = bad["sp"][1, 2] = np.nan
+    bad["nonfinite"][1, 2] = 1.0
+    with pytest.raises(NonFiniteLossError, match=r"run w/o MIPC: non-finite loss at step 42") as e:
+        _check_finite(bad, runs, 40)
+    assert "sp" in str(e.value) and isinstance(e.value, FloatingPointError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,9 +589,11 @@ def tiny():
     run = RunConfig(dataset="mosi", model=mcfg, loss=LossConfig(), train=tcfg)
     spe = T.steps_per_epoch(data.train.n, tcfg.batch_size)
     base = T.make_train_step(mcfg, run.loss, tcfg, spe, data.train.n)
-    arrays = T._model_arrays(data.train, mcfg)
+    arrays = T.model_arrays(data.train, mcfg)
     # 7 real rows padded to 8: on 4 devices the last one holds 1 real row and 1 padding row.
-    batches = [b for b in T.epoch_batches(arrays, 7, 0, 0)][:3]
+    order = np.asarray(T.epoch_rows(jax.random.key_data(jax.random.key(0)), 0, data.train.n, 7))
+    batches = [{k: v[r[r >= 0]] for k, v in arrays.items()} | {"index": r[r >= 0]}
+               for r in order[:3]]
     return SimpleNamespace(
         data=data,
         mcfg=mcfg,
@@ -747,211 +778,3 @@ def test_step_pmap_equals_shard_map_on_n_devices(tiny, model, n):
     for a, b in zip(m_p, m_s):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The fit loop: resume equality, non-finite guard, re-runs
-
-
-def patch_fit(mp, tiny):
-    """Share compilations between fit_seed runs (same configs -> same step / predict function;
-    this only changes speed)."""
-    make_step, make_predict = T.make_train_step, E.make_predict_fn
-
-    def memo_step(mcfg, loss_cfg, train_cfg, spe, n_train, axis_name=T.AXIS):
-        if (mcfg, loss_cfg, train_cfg, spe, n_train) == tiny.step_key and axis_name == T.AXIS:
-            return tiny.steps["pmap"]
-        return make_step(mcfg, loss_cfg, train_cfg, spe, n_train, axis_name)
-
-    def memo_predict(cfg):
-        if cfg not in tiny.predict_cache:
-            tiny.predict_cache[cfg] = make_predict(cfg)
-        return tiny.predict_cache[cfg]
-
-    mp.setattr(T, "make_train_step", memo_step)
-    mp.setattr(E, "make_predict_fn", memo_predict)
-
-
-def fit(tiny, out_dir, data=None, resume=False, log=None):
-    lines = [] if log is None else log
-    rec = T.fit_seed(
-        tiny.run, data or tiny.data, 1111, out_dir, resume=resume, log=lines.append, progress=False
-    )
-    return rec, lines
-
-
-def nan_equal(a, b):
-    """Structural equality of JSON-like trees, NaN == NaN."""
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict) and a.keys() == b.keys() and all(nan_equal(a[k], b[k]) for k in a)
-        )
-    if isinstance(a, (list, tuple)):
-        return (
-            isinstance(b, (list, tuple))
-            and len(a) == len(b)
-            and all(nan_equal(x, y) for x, y in zip(a, b))
-        )
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
-
-
-def strip_seconds(history):
-    return [{k: v for k, v in h.items() if not k.startswith("seconds")} for h in history]
-
-
-class Interrupt(KeyboardInterrupt):
-    pass
-
-
-@pytest.fixture(scope="module")
-def resume_runs(tiny, tmp_path_factory):
-    """Uninterrupted 3 epochs vs. interrupted right after the epoch-2 checkpoint + resume."""
-    root = tmp_path_factory.mktemp("fit")
-    with pytest.MonkeyPatch.context() as mp:
-        patch_fit(mp, tiny)
-        full, full_log = fit(tiny, root / "full")
-        save = checkpoint.save
-        saved = []
-
-        def save_then_interrupt(directory, step, state, record=None):
-            save(directory, step, state, record)
-            if directory.name == "latest":
-                saved.append(step)
-                if len(saved) == 2:
-                    raise Interrupt
-
-        mp.setattr(checkpoint, "save", save_then_interrupt)
-        with pytest.raises(Interrupt):
-            fit(tiny, root / "resumed")
-        mp.setattr(checkpoint, "save", save)
-        resumed, resumed_log = fit(tiny, root / "resumed", resume=True)
-    return SimpleNamespace(
-        root=root,
-        full=full,
-        full_log=full_log,
-        resumed=resumed,
-        resumed_log=resumed_log,
-        saved=saved,
-    )
-
-
-def test_fit_seed_record(tiny, resume_runs):
-    rec = resume_runs.full
-    assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
-    assert rec["epoch"] == 2
-    criteria = {"honest"} | {f"paper:{c}" for c in PAPER_SELECTION["mosi"]}
-    assert set(rec["selected"]) == criteria
-    for res in rec["selected"].values():
-        assert res["epoch"] in (0, 1, 2)
-        assert list(res["per_rate"]) == [f"{r:.1f}" for r in RATES]
-        assert set(res["inter_modal"]) == {"l", "a", "v", "la", "lv", "av"}
-        for metrics in res["per_rate"].values():
-            assert set(metrics) == set(METRIC_KEYS["mosi"])
-    for h in rec["history"]:
-        assert set(h["train"]) == set(EASE_TERMS) | {"total", "lr", "nonfinite"}
-        assert set(h["valid"]) == set(METRIC_KEYS["mosi"]) == set(h["test"])
-        assert h["train"]["nonfinite"] == 0.0
-    # Epoch 0 improves every criterion with a finite value (nothing selected before).
-    assert set(rec["history"][0]["improved"]) == {
-        c
-        for c in criteria
-        if np.isfinite(
-            (rec["history"][0]["valid"] if c == "honest" else rec["history"][0]["test"])[
-                "MAE" if c == "honest" else c[6:]
-            ]
-        )
-    }
-    # One summary line per epoch; the honest choice saved under best/; selected/ pruned.
-    epoch_lines = [l for l in resume_runs.full_log if " epoch " in l]
-    assert [l.split()[3] for l in epoch_lines] == ["1/3", "2/3", "3/3"]
-    out = resume_runs.root / "full"
-    assert checkpoint.latest_step(out / "best") == rec["selected"]["honest"]["epoch"]
-    assert checkpoint.latest_step(out / "latest") == 2
-    kept = sorted(int(p.name.split("_")[1]) for p in (out / "selected").glob("epoch_*"))
-    assert kept == sorted({r["epoch"] for r in rec["selected"].values()})
-    # Every epoch's lr as scheduled (cosine over 3 epochs, no warm-up), the same on every step.
-    lrs = [h["train"]["lr"] for h in rec["history"]]
-    np.testing.assert_allclose(lrs, [float(T.epoch_lr(e, 1e-3, 0, 3)) for e in range(3)], rtol=1e-6)
-
-
-def test_fit_seed_resume_equals_uninterrupted(tiny, resume_runs):
-    full, resumed = resume_runs.full, resume_runs.resumed
-    assert resume_runs.saved == [0, 1]
-    assert any("resumed after epoch 2" in l for l in resume_runs.resumed_log)
-    retrained = [
-        l.split()[3] for l in resume_runs.resumed_log if " epoch " in l and "resumed" not in l
-    ]
-    assert retrained == ["3/3"]  # only epoch 3 was trained again
-    assert_trees_close(resumed["final_state"].params, full["final_state"].params, atol=1e-6)
-    assert_trees_close(resumed["final_state"].opt_state, full["final_state"].opt_state, atol=1e-6)
-    assert_trees_close(resumed["final_state"].anchors, full["final_state"].anchors, atol=1e-6)
-    assert int(resumed["final_state"].step) == int(full["final_state"].step) == 3 * tiny.spe
-    assert nan_equal(strip_seconds(resumed["history"]), strip_seconds(full["history"]))
-    assert nan_equal(resumed["selection"], full["selection"])
-    assert nan_equal(resumed["selected"], full["selected"])
-    assert resumed["epoch"] == full["epoch"] == 2
-
-
-def test_fit_seed_raises_on_nonfinite_loss_naming_the_step(tiny, tmp_path, monkeypatch):
-    patch_fit(monkeypatch, tiny)
-    nan_row = 13
-    labels = tiny.data.train.labels.copy()
-    labels[nan_row] = np.nan
-    data = dataclasses.replace(tiny.data, train=dataclasses.replace(tiny.data.train, labels=labels))
-    rows = [
-        b["row"]
-        for b in T.epoch_batches(
-            {"row": np.arange(tiny.data.train.n)}, tiny.tcfg.batch_size, 1111, 0
-        )
-    ]
-    first_bad = next(i for i, r in enumerate(rows) if nan_row in r)
-    with pytest.raises(T.NonFiniteLossError, match=rf"non-finite loss at step {first_bad}\b"):
-        fit(tiny, tmp_path / "nan", data=data)
-    assert tiny.steps["pmap"].traces == 1
-
-
-def test_fit_seed_resume_after_interrupt_before_latest_save(
-    tiny, tmp_path, monkeypatch, resume_runs
-):
-    patch_fit(monkeypatch, tiny)
-    save = checkpoint.save
-
-    def interrupt_before_latest(directory, step, state, record=None):
-        if directory.name == "latest":
-            raise Interrupt  # epoch 0's selected/ parameters are saved, latest/ is not
-        save(directory, step, state, record)
-
-    monkeypatch.setattr(checkpoint, "save", interrupt_before_latest)
-    with pytest.raises(Interrupt):
-        fit(tiny, tmp_path / "run")
-    monkeypatch.setattr(checkpoint, "save", save)
-    resumed, _ = fit(tiny, tmp_path / "run", resume=True)
-    assert_trees_close(
-        resumed["final_state"].params, resume_runs.full["final_state"].params, atol=1e-6
-    )
-    assert nan_equal(resumed["selected"], resume_runs.full["selected"])
-
-
-def test_fit_seed_rerun_into_same_directory(tiny, tmp_path, monkeypatch, resume_runs):
-    patch_fit(monkeypatch, tiny)
-    fit(tiny, tmp_path / "run")
-    again, _ = fit(tiny, tmp_path / "run")
-    assert nan_equal(again["selected"], resume_runs.full["selected"])
-
-
-def test_fit_seed_survives_a_metric_that_is_always_nan(tiny, tmp_path, monkeypatch):
-    patch_fit(monkeypatch, tiny)
-    metrics = E.regression_metrics
-
-    def corr_nan(preds, labels, dataset):
-        return dict(metrics(preds, labels, dataset), Corr=float("nan"))
-
-    monkeypatch.setattr(E, "regression_metrics", corr_nan)
-    rec, _ = fit(tiny, tmp_path / "run")
-    assert "paper:MAE" in rec["selected"]
-    # The paper table still has every metric; the one never selected on is NaN.
-    table = E.protocol_table("mosi", rec["selected"], "paper")
-    assert all(math.isnan(row["Corr"]) for row in table["per_rate"].values())
-    assert all(np.isfinite(row["MAE"]) for row in table["per_rate"].values())

@@ -8,6 +8,8 @@ text, audio, vision). Modality order everywhere: 0 text (l), 1 audio (a), 2 visi
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,20 @@ ENCODE_CHUNKS = 8
 # False: encode both passes in full (the same numbers; the benchmark's loop-free reference
 # program, whose XLA cost analysis counts every FLOP).
 ENCODE_ONCE = True
+
+
+@contextlib.contextmanager
+def encode_once(enabled: bool):
+    """Within the block (at trace time), encode rows once only if `enabled` and `ENCODE_ONCE`:
+    under `vmap` over runs the skipped chunks' `lax.cond` becomes a select that runs both branches,
+    so a population with several runs per device traces its step with this off."""
+    global ENCODE_ONCE
+    saved = ENCODE_ONCE
+    ENCODE_ONCE = saved and enabled
+    try:
+        yield
+    finally:
+        ENCODE_ONCE = saved
 
 
 def encode_rows_once(module: nn.Module, x_inc: jax.Array, x_clean: jax.Array,

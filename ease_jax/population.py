@@ -1,0 +1,333 @@
+"""Many runs in one program (DESIGN.md "Many runs, one program" and "One epoch, one device call").
+
+A population is P runs of one model that differ only in numbers: the seed (and so the
+initialisation, data order, training masks, subset views and imputation noise), every loss weight
+of `LossConfig` and the base learning rate. Those numbers live in the `TrainState` (`rng`,
+`mask_rng`, `order_rng`, `hparams`) and the population's state carries a leading run axis [P] on
+every leaf, anchors and optimizer states included. The per-device train step is vmapped over that
+axis, so one compiled program trains all P runs; what changes the graph (w/o UCMI, another model,
+other shapes) needs a population of its own.
+
+One epoch is one device call: the training split is placed on the devices once, and
+`PopulationProgram.train_epoch` is a jitted `lax.scan` over the epoch's steps, each run drawing its
+data order (`train.epoch_rows`) and masks from its own keys on the device; the last partial batch is
+padded with zero-weight rows. `PopulationProgram.predict` evaluates every run (or any stack of
+parameter sets) on device-resident rows in one more call.
+
+Devices. The mesh is ("runs", "data") with R x D devices:
+* shard_map: a 2-D mesh; the run axis of the state is sharded over "runs" (P / R runs per
+  device) and replicated over "data"; each data device trains its slice of every global batch
+  and gradients are averaged over "data" only. R defaults to gcd(P, devices).
+* pmap: the device axis is "data" (R = 1): every device holds all P runs (vmapped) and its
+  slice of each run's batch.
+A run's numbers do not depend on (R, D) beyond float rounding: the step is global-batch
+normalised and its randomness is keyed by sample index (`train.make_train_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ease_jax.config import LossConfig, ModelConfig, TrainConfig
+from ease_jax.data.missing import apply_keep_masks
+from ease_jax.models import build_model, common
+from ease_jax.train import (
+    AXIS,
+    LOSS_WEIGHTS,
+    TrainState,
+    create_state,
+    epoch_rows,
+    gather_rows,
+    global_batch_size,
+    make_train_step,
+    steps_per_epoch,
+)
+
+RUNS = "runs"
+EVAL_ROWS = 256  # rows per evaluation batch, summed over the runs evaluated together
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a population: its seed, its loss weights (a `LossConfig`; None = the
+    population's) and base learning rate (None = the train config's), and a name (its directory
+    under the sweep's output; default `seed_<seed>`)."""
+
+    seed: int
+    loss: LossConfig | None = None
+    lr: float | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"seed_{self.seed}"
+
+
+def check_population(runs: Sequence[Run], base_loss: LossConfig) -> None:
+    """Raise a ValueError when the runs cannot share one program: every field of their
+    LossConfigs other than the weights and the two switches (which fold into the weights) must
+    match the population's, and names must be unique."""
+    if not runs:
+        raise ValueError("a population needs at least one run")
+    names = [r.label for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique, got {names}")
+    numeric = set(LOSS_WEIGHTS) | {"use_ucsa", "use_mipc"}
+    for r in runs:
+        if r.loss is None:
+            continue
+        for f in dataclasses.fields(LossConfig):
+            if f.name not in numeric and getattr(r.loss, f.name) != getattr(base_loss, f.name):
+                raise ValueError(
+                    f"run {r.label}: LossConfig.{f.name} = {getattr(r.loss, f.name)!r} differs "
+                    f"from the population's {getattr(base_loss, f.name)!r}; it changes the "
+                    "program, so train that run in a population of its own")
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Host pytrees with equal structure -> one pytree with a leading axis [len(trees)]."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def unstack(tree: Any, i: int) -> Any:
+    """Member i of a stacked host pytree."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def init_population(model_cfg: ModelConfig, train_cfg: TrainConfig, base_loss: LossConfig,
+                    runs: Sequence[Run], spe: int, params: Sequence[Any] | None = None) -> TrainState:
+    """The stacked host state of `runs` ([P] on every leaf): each run's `create_state` (its
+    parameters from `params[i]` when given, else initialised from its seed)."""
+    check_population(runs, base_loss)
+    params = list(params) if params is not None else [None] * len(runs)
+    states = [jax.device_get(create_state(model_cfg, train_cfg, r.seed, spe, params=p,
+                                          loss_cfg=r.loss or base_loss, lr=r.lr))
+              for r, p in zip(runs, params)]
+    return stack(states)
+
+
+def mesh_shape(n_runs: int, n_devices: int, parallel: str, run_devices: int | None = None):
+    """(R, D): devices along "runs" and "data". pmap: R = 1; shard_map: `run_devices` or
+    gcd(P, devices)."""
+    if parallel == "pmap":
+        if run_devices not in (None, 1):
+            raise ValueError("pmap maps the devices onto 'data' only: run_devices must be 1")
+        return 1, n_devices
+    r = math.gcd(n_runs, n_devices) if run_devices is None else run_devices
+    if r < 1 or n_devices % r or n_runs % r:
+        raise ValueError(f"run_devices={r} must divide both the device count {n_devices} and "
+                         f"the number of runs {n_runs}")
+    return r, n_devices // r
+
+
+class PopulationProgram:
+    """The compiled programs of one population of `n_runs` runs on `devices`.
+
+    `train_epoch(state, train) -> (state, metrics)`: one epoch of every run (`metrics`: each
+    loss term, `lr` and `nonfinite` per run and step, [P, steps]). `predict(params, rows, keep)
+    -> [S, N]`: predictions of S stacked parameter sets on evaluation rows (`put_rows`). Place
+    the host state with `put_state` and read it back with `get_state`; `put_train` places the
+    training arrays once. `traces` counts how often each program was traced (compiles).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                 n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
+                 run_devices: int | None = None, eval_rows: int = EVAL_ROWS):
+        if parallel not in ("pmap", "shard_map"):
+            raise ValueError(f"parallel mode must be 'pmap' or 'shard_map', got {parallel!r}")
+        self.model_cfg, self.train_cfg, self.parallel = model_cfg, train_cfg, parallel
+        self.n_train, self.n_runs, self.eval_rows = n_train, n_runs, eval_rows
+        self.devices = list(devices or jax.local_devices())
+        self.r, self.d = mesh_shape(n_runs, len(self.devices), parallel, run_devices)
+        self.steps = steps_per_epoch(n_train, train_cfg.batch_size)
+        self.global_batch = global_batch_size(train_cfg.batch_size, self.d)
+        self.mesh = Mesh(np.array(self.devices).reshape(self.r, self.d), (RUNS, AXIS))
+        self.traces = {"epoch": 0, "predict": 0}
+        self._step = make_train_step(model_cfg, loss_cfg, train_cfg, self.steps, n_train)
+        self._model = build_model(model_cfg)
+        if parallel == "pmap":
+            self._epoch = jax.pmap(self._device_epoch, axis_name=AXIS, devices=self.devices,
+                                   donate_argnums=(0,))
+            self._predict = jax.pmap(self._device_predict, axis_name=AXIS, devices=self.devices)
+        else:
+            epoch = jax.shard_map(self._device_epoch, mesh=self.mesh, in_specs=(P(RUNS), P()),
+                                  out_specs=(P(RUNS), P(RUNS)), check_vma=False)
+            self._epoch = jax.jit(epoch, donate_argnums=(0,))
+            predict = jax.shard_map(self._device_predict, mesh=self.mesh,
+                                    in_specs=(P(RUNS), P(AXIS), P(AXIS)),
+                                    out_specs=P(RUNS, AXIS), check_vma=False)
+            self._predict = jax.jit(predict)
+
+    # -- the per-device programs ----------------------------------------------------------------
+
+    def _device_epoch(self, state: TrainState, train: dict):
+        """One epoch of this device's runs ([p] leading axis) on its slice of every batch."""
+        self.traces["epoch"] += 1
+        b_local = self.global_batch // self.d
+        bs = self.train_cfg.batch_size
+
+        def run_epoch(st: TrainState, data: dict):
+            rows = epoch_rows(st.order_rng, st.step // self.steps, self.n_train, bs,
+                              self.global_batch)
+            rows = jax.lax.dynamic_slice_in_dim(rows, jax.lax.axis_index(AXIS) * b_local,
+                                                b_local, axis=1)
+
+            def body(s, r):
+                key = jax.random.fold_in(jax.random.wrap_key_data(s.rng), s.step)
+                return self._step(s, gather_rows(data, r), jax.random.key_data(key))
+
+            return jax.lax.scan(body, st, rows)
+
+        # Under vmap the encode-once `lax.cond` would turn into a select that runs both branches;
+        # with several runs per device encode both passes in full (the same numbers).
+        with common.encode_once(self.n_runs // self.r == 1):
+            return jax.vmap(run_epoch, in_axes=(0, None))(state, train)
+
+    def _device_predict(self, params, rows: dict, keep: dict):
+        """Predictions [p, 1, nb * bs] of this device's parameter sets [p, ...] on its rows
+        ([nb, bs, ...] under pmap, [1, nb, bs, ...] under shard_map)."""
+        self.traces["predict"] += 1
+        model, mode = self._model, self.model_cfg.text_encoder
+        if self.parallel == "shard_map":
+            rows, keep = _squeeze0(rows), _squeeze0(keep)
+
+        def one_params(p):
+            def one_batch(args):
+                x, k, i = args
+                inputs = apply_keep_masks(x, k, text_mode=mode)
+                rngs = ({"noise": jax.random.fold_in(jax.random.key(0), i)}
+                        if self.model_cfg.sample_at_eval else {})
+                return model.apply({"params": p}, inputs, train=False, rngs=rngs)["pred"]
+
+            nb = jax.tree_util.tree_leaves(rows)[0].shape[0]
+            return jax.lax.map(one_batch, (rows, keep, jnp.arange(nb))).reshape(-1)
+
+        return jax.vmap(one_params)(params)[:, None]
+
+    # -- placement ----------------------------------------------------------------------------
+
+    def _replicate(self, tree):
+        """Host tree -> every device holds all of it (pmap: stacked [devices, ...])."""
+        if self.parallel == "pmap":
+            sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), P(AXIS))
+            n = len(self.devices)
+            return jax.tree_util.tree_map(
+                lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def put_state(self, state: TrainState):
+        """Host stacked state (or any tree with a leading run axis) -> the devices."""
+        host = jax.device_get(state)
+        if self.parallel == "pmap":
+            return self._replicate(host)
+        return jax.device_put(host, NamedSharding(self.mesh, P(RUNS)))
+
+    def get_state(self, state):
+        """Device state -> one host copy with the leading run axis."""
+        if self.parallel == "pmap":
+            shards = jax.device_get(
+                jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, state))
+            return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), shards)
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+
+    def put_train(self, arrays: dict) -> dict:
+        """The training split's arrays (`train.model_arrays`) placed on every device once."""
+        return self._replicate({k: np.asarray(v) for k, v in arrays.items()})
+
+    def rows_layout(self, n: int, n_sets: int) -> tuple[int, int]:
+        """(batches per device, rows per batch) for `n` evaluation rows and `n_sets` parameter
+        sets: about `eval_rows` rows per batch summed over the sets a device evaluates."""
+        per_device = -(-n // self.d)
+        bs = max(1, min(self.eval_rows // max(n_sets // self.r, 1), per_device))
+        return -(-per_device // bs), bs
+
+    def put_rows(self, arrays: dict, n_sets: int) -> dict:
+        """Evaluation arrays [N, ...] -> device rows [D, nb, bs, ...] sharded over "data" (zero
+        padding rows at the end). Masks of the same rows go through the same call."""
+        n = next(iter(arrays.values())).shape[0]
+        nb, bs = self.rows_layout(n, n_sets)
+        total = self.d * nb * bs
+        mesh = Mesh(np.array(self.devices), (AXIS,)) if self.parallel == "pmap" else self.mesh
+        sharding = NamedSharding(mesh, P(AXIS))
+        out = {}
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            v = np.concatenate([v, np.zeros((total - n, *v.shape[1:]), v.dtype)]) if total > n else v
+            out[k] = jax.device_put(v.reshape(self.d, nb, bs, *v.shape[1:]), sharding)
+        return out
+
+    def put_params(self, params_list: Sequence[Any]):
+        """Host parameter trees -> stacked device parameters [S', ...], padded with copies of the
+        last so that S' divides over the "runs" devices."""
+        s = len(params_list)
+        padded = list(params_list) + [params_list[-1]] * (-s % self.r)
+        return self.put_state(stack(padded))
+
+    # -- the calls ----------------------------------------------------------------------------
+
+    def train_epoch(self, state, train: dict):
+        """One epoch of every run: (state, metrics {name: [P, steps]} still on device)."""
+        state, metrics = self._epoch(state, train)
+        if self.parallel == "pmap":
+            metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
+        return state, metrics
+
+    def predict(self, params, rows: dict, keep: dict, n: int) -> jax.Array:
+        """Predictions [S', n] (still on device) of the stacked device `params` on `n` rows."""
+        preds = self._predict(params, rows, keep)
+        if self.parallel == "pmap":  # [D, S', 1, nb * bs] -> [S', D, nb * bs]
+            preds = jnp.swapaxes(preds[:, :, 0], 0, 1)
+        return preds.reshape(preds.shape[0], -1)[:, :n]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_program(*args, **kwargs) -> PopulationProgram:
+    return PopulationProgram(*args, **kwargs)
+
+
+def get_program(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
+                run_devices: int | None = None, eval_rows: int = EVAL_ROWS) -> PopulationProgram:
+    """A `PopulationProgram`, shared by every caller with the same arguments (the 8 most recent
+    are kept), so populations of the same shapes, e.g. the groups of `--population N` or a
+    resumed run, compile once per process."""
+    devices = tuple(devices or jax.local_devices())
+    return _cached_program(model_cfg, loss_cfg, train_cfg, n_train, n_runs, parallel=parallel,
+                           devices=devices, run_devices=run_devices, eval_rows=eval_rows)
+
+
+def _squeeze0(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+
+def run_footprint_bytes(run_cfg, train_arrays: dict) -> tuple[int, int]:
+    """(bytes per run, bytes shared by the runs) of the epoch program on one device, from XLA's
+    memory analysis of the compiled program of one run traced as several runs are (encode-once
+    off): per run, its state (parameters, optimizer state, anchors) and the temporaries; shared,
+    the training arrays (`train.model_arrays`). Compiles once; nothing runs."""
+    mcfg, tcfg = run_cfg.model, run_cfg.train
+    n_train = next(iter(train_arrays.values())).shape[0]
+    prog = PopulationProgram(mcfg, run_cfg.loss, tcfg, n_train, 1, parallel="shard_map",
+                             devices=jax.local_devices()[:1])
+    one = jax.eval_shape(lambda: create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss))
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), one)
+    train = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+             for k, v in train_arrays.items()}
+    with common.encode_once(False):
+        mem = prog._epoch.lower(state, train).compile().memory_analysis()
+
+    def size(tree):
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+    return int(size(state) + mem.temp_size_in_bytes), int(size(train))
