@@ -26,6 +26,7 @@ from ease_jax.data.missing import (
 from ease_jax.data.mmsa import Split
 from ease_jax.metrics import LOWER_IS_BETTER, regression_metrics
 from ease_jax.models import build_model
+from ease_jax.train import eval_arrays
 
 RATES = tuple(round(0.1 * i, 1) for i in range(10))
 
@@ -93,12 +94,7 @@ class Evaluator:
         self.batch_size = min(batch_size, split.n)
         self.masks = masks or MaskBank(split, seed=seed)
         self._predict = make_predict_fn(model_cfg)
-        arrays = split.arrays()
-        keys = ["audio", "vision", "audio_lengths", "vision_lengths"]
-        keys += ["text_ids", "text_mask", "text_types"]
-        if model_cfg.text_encoder == "features":
-            keys.append("text_features")
-        self._arrays = {k: arrays[k] for k in keys}
+        self._arrays = eval_arrays(split, model_cfg)
 
     def predict(self, params, keep: dict, rng=None) -> np.ndarray:
         """Predictions [N] for the split under `keep` masks (host arrays)."""

@@ -30,10 +30,7 @@ from ease_jax.data.missing import INTER_MODAL_SUBSETS
 from ease_jax.evaluate import RATES, MaskBank, Selector, condition_name
 from ease_jax.metrics import regression_metrics
 from ease_jax.population import PopulationProgram, Run, get_program, init_population, unstack
-from ease_jax.train import model_arrays
-
-EVAL_KEYS = ("text_ids", "text_mask", "text_types", "text_features", "audio", "vision",
-             "audio_lengths", "vision_lengths")
+from ease_jax.train import eval_arrays, model_arrays
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,11 +49,6 @@ def _check_finite(metrics: dict, runs: Sequence[Run], first_step: int) -> None:
             "(lower the learning rate or check the data for extreme values)")
 
 
-def _eval_arrays(split, mcfg) -> dict:
-    arrays = model_arrays(split, mcfg)
-    return {k: arrays[k] for k in EVAL_KEYS if k in arrays}
-
-
 def _concat(a: dict, b: dict) -> dict:
     return {k: np.concatenate([a[k], b[k]]) for k in a}
 
@@ -71,7 +63,7 @@ def protocol_results(prog: PopulationProgram, split, dataset: str, params_list: 
                   + [("inter_modal", "subset", s) for s in subsets]
                   + [("burst", "burst", r) for r in burst_rates])
     group = max(prog.n_runs, 1)
-    rows = prog.put_rows(_eval_arrays(split, prog.model_cfg), group)
+    rows = prog.put_rows(eval_arrays(split, prog.model_cfg), group)
     out = [{"per_rate": {}, "inter_modal": {}, "burst": {}} for _ in params_list]
     for start in range(0, len(params_list), group):
         members = params_list[start : start + group]
@@ -89,12 +81,14 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
                    state_dir, *, parallel: str = "pmap", devices=None,
                    run_devices: int | None = None, resume: bool = False,
                    params: Sequence[Any] | None = None, burst_rates=(), log=print,
-                   progress: bool = True, checkpoint_seconds: float = 30.0) -> list[dict]:
+                   progress: bool = True, checkpoint_seconds: float = 30.0,
+                   protocol: bool = True) -> list[dict]:
     """Train `runs` (one population: one program) of `run_cfg.model` on `data.train` for
     `run_cfg.train.epochs` epochs. Run i writes its selected epochs and honest choice under
     `run_dirs[i]`; the population's checkpoint is `state_dir/latest`. `params[i]` (optional) is run
     i's initial parameters (e.g. with pretrained BERT inserted). With `resume`, continues from
-    `state_dir/latest` when it exists.
+    `state_dir/latest` when it exists. `protocol=False` skips the full protocol at the end (the
+    benchmark's timing runs): `selected` then holds only each criterion's epoch.
 
     Returns one record per run: {"epoch", "selected": {criterion: protocol results + epoch},
     "selection", "history": [one summary per epoch], "seconds": {"train", "eval", "host",
@@ -138,8 +132,8 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     dev_train = prog.put_train(model_arrays(data.train, mcfg))
     masks = {s: MaskBank(getattr(data, s)) for s in ("valid", "test")}
     n_valid, n_sel = data.valid.n, data.valid.n + data.test.n
-    sel_rows = prog.put_rows(_concat(_eval_arrays(data.valid, mcfg),
-                                     _eval_arrays(data.test, mcfg)), n_runs)
+    sel_rows = prog.put_rows(_concat(eval_arrays(data.valid, mcfg),
+                                     eval_arrays(data.test, mcfg)), n_runs)
     sel_keep = prog.put_rows(_concat(masks["valid"].get("rate", tcfg.eval_rate),
                                      masks["test"].get("rate", tcfg.eval_rate)), n_runs)
     pending: list[dict] = [{} for _ in runs]  # selected parameters not yet on disk
@@ -196,12 +190,14 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     t0 = time.perf_counter()
     final = prog.get_state(dev_state)
     pairs = sorted({(i, e) for i, sel in enumerate(selectors) for e in _kept(sel)})
+    pairs = pairs if protocol else []
     params_list = [checkpoint.restore(run_dirs[i] / "selected" / f"epoch_{e}",
                                       unstack(final.params, i))[0] for i, e in pairs]
     results = protocol_results(prog, data.test, run_cfg.dataset, params_list, masks["test"],
                                burst_rates=burst_rates) if pairs else []
-    for rec in records:
-        rec["selected"] = {}
+    for rec, sel in zip(records, selectors):
+        rec["selected"] = {} if protocol else {c: {"epoch": e} for c, e in sel.epoch.items()
+                                               if e is not None}
     for (i, e), full, p in zip(pairs, results, params_list):
         for c, ce in selectors[i].epoch.items():
             if ce == e:

@@ -327,3 +327,8 @@ def model_arrays(split, mcfg: ModelConfig) -> dict:
     if mcfg.text_encoder == "features":
         keys.append("text_features")
     return {k: arrays[k] for k in keys}
+
+
+def eval_arrays(split, mcfg: ModelConfig) -> dict:
+    """The host arrays of a split the evaluation forward pass reads (no labels)."""
+    return {k: v for k, v in model_arrays(split, mcfg).items() if k != "labels"}

@@ -22,6 +22,15 @@ For every (model, text encoder) pair this measures, on the default JAX backend:
   peak before the evaluation program exists (`train_peak_bytes`) and XLA's temporary buffers of
   the compiled train step (`step_temp_bytes`).
 
+With `--population 1,3,9` it measures instead the population engine as the fit loop runs it
+(`ease_jax.fit.fit_population`: P runs vmapped in one program, one device call per epoch), one
+worker per (model, text encoder, P): two epochs on a training split of `--epoch-steps` batches
+(valid / test 32 rows each, no final protocol); the second epoch is timed. step s = its train call
+/ steps; run-samples/s = P x batch / step s; compile s = first epoch's train call - the second's;
+host s/epoch = the loop's bookkeeping outside the device calls (selection, log, one checkpoint of
+the whole population); host % = host s / (host s + 21 steps); peak memory of the worker, total and
+per run (/ P).
+
 Data are synthetic MOSI (`ease_jax.data.synthetic`) with the real sequence lengths and widths
 (L = 50, T_a x D_a = 375 x 5, T_v x D_v = 500 x 20, text features 768); BERT mode uses a randomly
 initialised bert-base-uncased (speed does not depend on the weights; `--init shapes`, the default,
@@ -82,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", choices=("shapes", "flax"), default="shapes",
                    help="parameters: 'shapes' = eval_shape + direct fill (fast; speed does not "
                         "depend on the values), 'flax' = jax.jit(init_params) (slow to compile)")
+    p.add_argument("--population", default=None,
+                   help="comma-separated run counts (e.g. 1,3,9): measure the population engine "
+                        "(runs per program) instead of the single step")
+    p.add_argument("--epoch-steps", type=int, default=2,
+                   help="--population: training steps per timed epoch (default 2)")
     p.add_argument("--out", default="runs/benchmark.json", help="JSON output path")
     p.add_argument("--quick", action="store_true", help="few steps (3 timed, 1 warm-up)")
     p.add_argument("--timeout", type=float, default=None,
@@ -96,6 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_steps = args.eval_steps if args.eval_steps is not None else (3 if args.quick else 10)
     args.model_list = _choices(args.models, ("ease", "lnln"), "--models")
     args.encoder_list = _choices(args.text_encoders, ("bert", "features"), "--text-encoders")
+    try:
+        args.population_list = ([int(x) for x in args.population.split(",") if x.strip()]
+                                if args.population else [])
+    except ValueError:
+        p.error(f"--population: expected comma-separated run counts, got {args.population!r}")
+    if any(n < 1 for n in args.population_list) or args.epoch_steps < 1:
+        p.error("--population counts and --epoch-steps must be >= 1")
     if args.steps < 1 or args.warmup < 0 or args.eval_steps < 1 or args.batch_size < 1:
         p.error("--steps, --eval-steps and --batch-size must be >= 1, --warmup >= 0")
     return args
@@ -115,26 +136,6 @@ def _log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # One configuration (runs inside a worker process unless --no-isolate).
-
-
-def _train_arrays(split, text_encoder: str) -> dict:
-    """The host arrays the train step reads, as the fit loop passes them."""
-    arrays = split.arrays()
-    keys = ["text_ids", "text_mask", "text_types", "audio", "vision", "audio_lengths",
-            "vision_lengths", "labels"]
-    if text_encoder == "features":
-        keys.append("text_features")
-    return {k: arrays[k] for k in keys}
-
-
-def _eval_arrays(split, text_encoder: str) -> dict:
-    """The host arrays `Evaluator` hands to the predict function."""
-    arrays = split.arrays()
-    keys = ["audio", "vision", "audio_lengths", "vision_lengths", "text_ids", "text_mask",
-            "text_types"]
-    if text_encoder == "features":
-        keys.append("text_features")
-    return {k: arrays[k] for k in keys}
 
 
 def make_params(mcfg, how: str):
@@ -252,8 +253,10 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     from ease_jax.train import (
         ParallelStep,
         create_state,
+        eval_arrays,
         global_batch_size,
         make_train_step,
+        model_arrays,
         pad_batch,
         steps_per_epoch,
     )
@@ -297,7 +300,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     init_s = time.perf_counter() - t0
     _log(f"{tag}: {n_params:,} parameters, init {init_s:.1f}s; compiling the train step")
 
-    arrays = _train_arrays(data.train, text_encoder)
+    arrays = model_arrays(data.train, mcfg)
     batches = []
     for i in range(n_batches):
         sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
@@ -355,7 +358,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     _log(f"{tag}: median step {step_s:.4f}s; compiling the evaluation forward pass")
     predict = make_predict_fn(mcfg)
     params = par.get_state(dev_state).params
-    ebatch = _eval_arrays(data.test, text_encoder)
+    ebatch = eval_arrays(data.test, mcfg)
     keep = eval_keep_masks(data.test, 0.5)
     eval_key = jax.random.key(0)
     t0 = time.perf_counter()
@@ -398,18 +401,76 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     return row
 
 
+def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
+    """Measure the population engine for (model, text encoder) with `n_runs` runs per program:
+    two epochs of `fit_population` (the fit loop itself); returns one JSON row."""
+    import jax
+
+    from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+    from ease_jax.data.mmsa import from_raw
+    from ease_jax.data.synthetic import synthetic
+    from ease_jax.fit import fit_population
+    from ease_jax.population import Run
+
+    tag = f"{model}/{text_encoder} x{n_runs}"
+    t_start = time.perf_counter()
+    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision)
+    tcfg = TrainConfig(batch_size=args.batch_size, epochs=2, warmup_epochs=1)
+    run_cfg = RunConfig(dataset=DATASET, model=mcfg, loss=LossConfig.preset("code", DATASET),
+                        train=tcfg)
+    raw = synthetic(DATASET, seed=0, n_train=args.epoch_steps * args.batch_size, n_valid=32,
+                    n_test=32)
+    data = from_raw(raw, source="synthetic:mosi(seed=0)")
+    _log(f"{tag}: initialising parameters ({jax.local_device_count()} "
+         f"{jax.devices()[0].platform} device(s), {args.parallel})")
+    params = make_params(mcfg, args.init)
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    runs = [Run(1111 + i) for i in range(n_runs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        _log(f"{tag}: {n_params:,} parameters per run; 2 epochs of {args.epoch_steps} steps "
+             "(the first compiles)")
+        records = fit_population(run_cfg, data, runs, [Path(tmp) / r.label for r in runs],
+                                 Path(tmp) / "population", parallel=args.parallel,
+                                 params=[params] * n_runs, log=lambda _: None, progress=False,
+                                 protocol=False)
+    first, second = (h for h in records[0]["history"])
+    train_s = [h["seconds_train"] * n_runs for h in (first, second)]
+    step_s = train_s[1] / args.epoch_steps
+    host_s = second["seconds_host"] * n_runs
+    epoch_train_s = math.ceil(MOSI_TRAIN / args.batch_size) * step_s
+    mem = _peak_memory()
+    row = {
+        "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
+        "population": n_runs, "n_devices": jax.local_device_count(),
+        "batch_size": args.batch_size, "epoch_steps": args.epoch_steps, "n_params": n_params,
+        "compile_s": train_s[0] - train_s[1], "step_s": step_s,
+        "run_samples_per_s": n_runs * args.batch_size / step_s,
+        "epoch_s": epoch_train_s, "eval_s": second["seconds_eval"] * n_runs,
+        "host_s": host_s, "host_fraction": host_s / (host_s + epoch_train_s),
+        **mem, "peak_bytes_per_run": None if mem["peak_bytes"] is None
+        else mem["peak_bytes"] / n_runs,
+        "loss_last": [r["history"][-1]["train"]["total"] for r in records],
+        "wall_s": time.perf_counter() - t_start, "error": None,
+    }
+    _log(f"{tag}: step {step_s:.3f}s, {row['run_samples_per_s']:.1f} run-samples/s, host "
+         f"{host_s:.2f}s/epoch ({100 * row['host_fraction']:.2f}%), {_fmt_mem(row)}")
+    return row
+
+
 def _worker(args) -> None:
-    model, text_encoder = args.worker.split(":")
-    row = run_config(model, text_encoder, args)
+    model, text_encoder, *n_runs = args.worker.split(":")
+    row = (run_population(model, text_encoder, int(n_runs[0]), args) if n_runs
+           else run_config(model, text_encoder, args))
     Path(args.worker_out).write_text(json.dumps(row))
 
 
-def _run_isolated(model: str, text_encoder: str, args) -> dict:
+def _run_isolated(model: str, text_encoder: str, args, n_runs: int | None = None) -> dict:
     """Run one configuration in a fresh Python process and read back its row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "experiments.benchmark", "--worker",
-               f"{model}:{text_encoder}", "--worker-out", str(out),
+        spec = f"{model}:{text_encoder}" + ("" if n_runs is None else f":{n_runs}")
+        cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", spec,
+               "--worker-out", str(out), "--epoch-steps", str(args.epoch_steps),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
                "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
@@ -427,12 +488,12 @@ def _run_isolated(model: str, text_encoder: str, args) -> dict:
         if out.is_file():
             return json.loads(out.read_text())
         return _failed_row(model, text_encoder, args,
-                           f"worker failed ({code}) after {time.perf_counter() - t0:.0f}s")
+                           f"worker failed ({code}) after {time.perf_counter() - t0:.0f}s", n_runs)
 
 
-def _failed_row(model, text_encoder, args, error: str) -> dict:
+def _failed_row(model, text_encoder, args, error: str, n_runs: int | None = None) -> dict:
     return {"model": model, "text_encoder": text_encoder, "parallel": args.parallel,
-            "batch_size": args.batch_size, "error": error}
+            "batch_size": args.batch_size, "population": n_runs, "error": error}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,6 +566,30 @@ def table(rows: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
+def population_table(rows: list[dict], env: dict) -> str:
+    head = ("| device | model | text encoder | runs | step s | run-samples/s | x one run | "
+            "s/epoch (train) | host s/epoch | host % | compile s | peak memory | per run |")
+    lines = [head, "|" + "---|" * 13]
+    dev = device_name(env)
+    single = {(r["model"], r["text_encoder"]): r for r in rows
+              if not r.get("error") and r["population"] == 1}
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {dev} | {r['model']} | {r['text_encoder']} | {r['population']} | "
+                         f"not measured: {r['error']} |" + " |" * 8)
+            continue
+        one = single.get((r["model"], r["text_encoder"]))
+        gain = f"{r['run_samples_per_s'] / one['run_samples_per_s']:.2f}" if one else "n/a"
+        per_run = ("n/a" if r["peak_bytes_per_run"] is None
+                   else f"{r['peak_bytes_per_run'] / 2**30:.2f} GiB")
+        lines.append(
+            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['population']} | "
+            f"{r['step_s']:.3f} | {r['run_samples_per_s']:.1f} | {gain} | {r['epoch_s']:.1f} | "
+            f"{r['host_s']:.2f} | {100 * r['host_fraction']:.2f} | {r['compile_s']:.1f} | "
+            f"{_fmt_mem(r)} | {per_run} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.worker:
@@ -516,7 +601,8 @@ def main(argv=None) -> dict | None:
          f"{args.parallel}")
     if env["platform"] == "cpu":
         _log(f"host load average {env['load_average']}")
-    configs = [(m, e) for m in args.model_list for e in args.encoder_list]
+    configs = [(m, e, p) for m in args.model_list for e in args.encoder_list
+               for p in (args.population_list or [None])]
     rows: list[dict] = []
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -527,23 +613,32 @@ def main(argv=None) -> dict | None:
         out.write_text(json.dumps(result, indent=2))
         return result
 
-    for i, (model, enc) in enumerate(configs, 1):
-        _log(f"[{i}/{len(configs)}] {model} / text encoder {enc}")
+    for i, (model, enc, n_runs) in enumerate(configs, 1):
+        _log(f"[{i}/{len(configs)}] {model} / text encoder {enc}"
+             + ("" if n_runs is None else f" / {n_runs} run(s) per program"))
         if args.no_isolate:
             try:
-                row = run_config(model, enc, args)
+                row = (run_config(model, enc, args) if n_runs is None
+                       else run_population(model, enc, n_runs, args))
             except Exception as exc:  # noqa: BLE001 -- keep measuring the other configurations
-                row = _failed_row(model, enc, args, f"{type(exc).__name__}: {exc}")
+                row = _failed_row(model, enc, args, f"{type(exc).__name__}: {exc}", n_runs)
         else:
-            row = _run_isolated(model, enc, args)
+            row = _run_isolated(model, enc, args, n_runs)
         rows.append(row)
         if row.get("error"):
             _log(f"[{i}/{len(configs)}] {model}/{enc} FAILED: {row['error']}")
         result = write()
-    print(f"\njax {env['jax']}, {env['platform']} ({env['platform_version']}), "
-          f"device kind {env['device_kind']}; batch {args.batch_size}, median of {args.steps} "
-          f"steps; s/epoch = {math.ceil(MOSI_TRAIN / args.batch_size)} steps\n")
-    print(table(rows, env))
+    if args.population_list:
+        print(f"\njax {env['jax']}, {env['platform']} ({env['platform_version']}), device kind "
+              f"{env['device_kind']}; batch {args.batch_size}, population engine, second epoch "
+              f"of {args.epoch_steps} steps; s/epoch = "
+              f"{math.ceil(MOSI_TRAIN / args.batch_size)} steps\n")
+        print(population_table(rows, env))
+    else:
+        print(f"\njax {env['jax']}, {env['platform']} ({env['platform_version']}), "
+              f"device kind {env['device_kind']}; batch {args.batch_size}, median of "
+              f"{args.steps} steps; s/epoch = {math.ceil(MOSI_TRAIN / args.batch_size)} steps\n")
+        print(table(rows, env))
     print(f"\nwrote {out}")
     return result
 
@@ -556,6 +651,8 @@ def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -
         "settings": {"steps": args.steps, "warmup": args.warmup, "eval_steps": args.eval_steps,
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "parallel": args.parallel, "isolated": not args.no_isolate,
+                     "population": args.population_list or None,
+                     "epoch_steps": args.epoch_steps,
                      "precision": args.precision, "encode_once": not args.no_encode_once,
                      "init": args.init,
                      "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},

@@ -238,8 +238,8 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
     `out` and returns the results dict."""
     from ease_jax.config import RunConfig, replace
     from ease_jax.evaluate import aggregate, protocol_table
-    from ease_jax.metrics import regression_metrics
     from ease_jax.fit import fit_population
+    from ease_jax.metrics import regression_metrics
     from ease_jax.population import Run
 
     mcfg, loss, tcfg = build_run(args, dataset, data, is_synthetic, model)
@@ -326,7 +326,6 @@ def population_size(requested, run, data, n_runs: int, log) -> int:
     if requested != "auto":
         return max(1, min(int(requested), n_runs))
     from ease_jax.population import run_footprint_bytes
-
     from ease_jax.train import model_arrays
 
     per_run, shared = run_footprint_bytes(run, model_arrays(data.train, run.model))

@@ -56,6 +56,8 @@ def make_state(seed: int, steps: int = 2) -> TrainState:
         anchors=anchors,
         rng=jax.random.key_data(jax.random.key(seed)),
         mask_rng=jax.random.key_data(jax.random.key(seed + 1)),
+        order_rng=jax.random.key_data(jax.random.key(seed + 2)),
+        hparams={"lr": np.float32(1e-3), "sp": np.float32(1.0), "cons": np.float32(0.5)},
     )
 
 
@@ -113,7 +115,7 @@ def test_train_state_round_trip_is_exact(tmp_path):
 
 
 def test_params_only_and_device_arrays_round_trip(tmp_path):
-    """fit_seed saves bare parameter trees too; device (and multi-device) arrays are accepted."""
+    """The fit loop saves bare parameter trees too; device (and multi-device) arrays are accepted."""
     devices = jax.devices()[:2]
     replicated = NamedSharding(Mesh(np.array(devices), ("data",)), P())
     params = {

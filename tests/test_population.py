@@ -24,7 +24,6 @@ from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
 from ease_jax.data.missing import eval_keep_masks
 from ease_jax.data.mmsa import from_raw
 from ease_jax.data.synthetic import synthetic
-from ease_jax.fit import EVAL_KEYS
 
 from helpers import TINY_MODEL as TINY
 
@@ -60,7 +59,7 @@ def train(s, runs, parallel, n_devices):
     for _ in range(EPOCHS):
         state, m = prog.train_epoch(state, train_arrays)
         metrics.append(jax.device_get(m))
-    test = {k: v for k, v in T.model_arrays(s.data.test, s.mcfg).items() if k in EVAL_KEYS}
+    test = T.eval_arrays(s.data.test, s.mcfg)
     keep = eval_keep_masks(s.data.test, 0.5)
     preds = prog.predict(state.params, prog.put_rows(test, len(runs)),
                          prog.put_rows(keep, len(runs)), s.data.test.n)

@@ -74,6 +74,37 @@ def test_parse_args_defaults():
             sweep.parse_args("mosi", ["--model", bad])
 
 
+def test_population_argument_and_size(monkeypatch):
+    assert sweep.parse_args("mosi", []).population is None  # all seeds in one program
+    assert sweep.parse_args("mosi", ["--population", "2"]).population == 2
+    assert sweep.parse_args("mosi", ["--population", "auto"]).population == "auto"
+    for bad in ("0", "-1", "many", "1.5"):
+        with pytest.raises(SystemExit):
+            sweep.parse_args("mosi", ["--population", bad])
+    log = []
+    assert sweep.population_size(None, None, None, 3, log.append) == 3
+    assert sweep.population_size(2, None, None, 3, log.append) == 2
+    assert sweep.population_size(5, None, None, 3, log.append) == 3
+    # auto: (memory - shared data) // per-run footprint, clipped to [1, runs].
+    from ease_jax import population
+
+    monkeypatch.setattr(population, "run_footprint_bytes", lambda run, arrays: (3 * 2**30, 2**30))
+    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 8 * 2**30)
+    data = load_mmsa_synthetic()
+    run = argparse.Namespace(model=sweep.build_run(args_for("mosi"), "mosi", data, True)[0])
+    assert sweep.population_size("auto", run, data, 9, log.append) == 2  # (8 - 1) // 3
+    assert "3.00 GiB per run" in log[-1] and "2 run(s) per program" in log[-1]
+    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 2 * 2**30)
+    assert sweep.population_size("auto", run, data, 9, log.append) == 1
+
+
+def load_mmsa_synthetic():
+    from ease_jax.data.mmsa import from_raw
+
+    return from_raw(synthetic("mosi", seed=0, n_train=8, n_valid=4, n_test=4, text_len=3,
+                              audio_len=3, vision_len=3), source="synthetic:test")
+
+
 def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
     logged = []
     missing = tmp_path / "nowhere" / "unaligned_50.pkl"

@@ -22,16 +22,12 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ease_jax import checkpoint
-from ease_jax import evaluate as E
 from ease_jax import train as T
 from ease_jax.anchors import init_anchors
 from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
 from ease_jax.data.missing import train_keep_masks, train_missing_rates
 from ease_jax.data.mmsa import from_raw
 from ease_jax.data.synthetic import synthetic
-from ease_jax.evaluate import PAPER_SELECTION, RATES
-from ease_jax.metrics import METRIC_KEYS
 from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, weighted_mean
 
 from helpers import TINY_MODEL as TINY
@@ -172,13 +168,15 @@ def test_run_hparams_fold_the_switches_into_the_weights():
     off = T.run_hparams(LossConfig(use_ucsa=False, use_mipc=False), 1e-3)
     assert [float(off[k]) for k in ("uada", "anchor", "cons", "asym")] == [0.0] * 4
     assert float(off["ucmi"]) == 0.5 and float(off["sp"]) == 1.0
-    # The model default lr lands in the state without an explicit one.
+    # The model default lr lands in the state without an explicit one; a given one wins.
     data = tiny_data()
     for model, lr in (("ease", 1e-5), ("lnln", 1e-4)):
-        shapes = jax.eval_shape(lambda: T.create_state(tiny_model(model, data), TrainConfig(), 0, 3))
-        assert shapes.hparams["lr"].shape == ()
-        st = T.run_hparams(LossConfig(), TrainConfig().learning_rate(model))
-        assert float(st["lr"]) == pytest.approx(lr)
+        state = T.create_state(tiny_model(model, data), TrainConfig(), 0, 3)
+        assert float(state.hparams["lr"]) == pytest.approx(lr)
+    state = T.create_state(tiny_model("ease", data), TrainConfig(lr=5e-4), 0, 3,
+                           loss_cfg=LossConfig(use_ucsa=False), lr=2e-3)
+    assert float(state.hparams["lr"]) == pytest.approx(2e-3)
+    assert float(state.hparams["uada"]) == 0.0
 
 
 def test_pad_batch_adds_zero_rows_and_weight():
@@ -752,8 +750,11 @@ def test_step_flags_a_nan_label(tiny, ease_runs):
     _, m = par(st, par.put_batch(T.pad_batch(batch, 8)), tiny.rngs[0])
     m = host(par.metrics(m))
     assert float(m["nonfinite"]) == 1.0 and not np.isfinite(m["total"])
-    with pytest.raises(T.NonFiniteLossError, match="step 12"):
-        T._check_finite([m], 12)
+    from ease_jax.fit import NonFiniteLossError, _check_finite
+    from ease_jax.population import Run
+
+    with pytest.raises(NonFiniteLossError, match="step 12"):
+        _check_finite({k: np.reshape(v, (1, 1)) for k, v in m.items()}, [Run(0)], 12)
     assert tiny.steps["pmap"].traces == 1  # same shapes: no new compilation
 
 
