@@ -213,6 +213,12 @@ def aggregate(seed_tables: list[dict]) -> dict:
     return out
 
 
+def condition_mean(section: dict) -> dict:
+    """One seed's mean over the conditions of a table section, e.g. the 10-rate mean of
+    `table["per_rate"]`: {metric: value}."""
+    return _mean_dicts(list(section.values()))
+
+
 def _mean_dicts(rows: list[dict]) -> dict:
     return {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
 

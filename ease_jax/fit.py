@@ -15,6 +15,7 @@ data order, masks and noise of every step come from the runs' keys and the step 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,7 +30,14 @@ from ease_jax.config import RunConfig
 from ease_jax.data.missing import INTER_MODAL_SUBSETS
 from ease_jax.evaluate import RATES, MaskBank, Selector, condition_name
 from ease_jax.metrics import regression_metrics
-from ease_jax.population import PopulationProgram, Run, get_program, init_population, unstack
+from ease_jax.population import (
+    PopulationProgram,
+    Run,
+    get_program,
+    init_population,
+    program_key,
+    unstack,
+)
 from ease_jax.train import eval_arrays, model_arrays
 
 
@@ -82,17 +90,20 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
                    run_devices: int | None = None, resume: bool = False,
                    params: Sequence[Any] | None = None, burst_rates=(), log=print,
                    progress: bool = True, checkpoint_seconds: float = 30.0,
-                   protocol: bool = True) -> list[dict]:
+                   protocol: bool = True, run_batch: int | None = None) -> list[dict]:
     """Train `runs` (one population: one program) of `run_cfg.model` on `data.train` for
     `run_cfg.train.epochs` epochs. Run i writes its selected epochs and honest choice under
     `run_dirs[i]`; the population's checkpoint is `state_dir/latest`. `params[i]` (optional) is run
     i's initial parameters (e.g. with pretrained BERT inserted). With `resume`, continues from
     `state_dir/latest` when it exists. `protocol=False` skips the full protocol at the end (the
-    benchmark's timing runs): `selected` then holds only each criterion's epoch.
+    benchmark's timing runs): `selected` then holds only each criterion's epoch. `run_batch`: runs
+    vmapped together per device (default: all on an accelerator, one at a time on a CPU;
+    `population.default_run_batch`).
 
     Returns one record per run: {"epoch", "selected": {criterion: protocol results + epoch},
     "selection", "history": [one summary per epoch], "seconds": {"train", "eval", "host",
-    "protocol"} (the run's share: the population's seconds / P), "final_state"}.
+    "protocol"} (the run's share: the population's seconds / P), "population": the labels of the
+    runs trained together, "final_state"}.
     """
     from tqdm.auto import tqdm
 
@@ -103,7 +114,7 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     labels = [r.label for r in runs]
     n_runs = len(runs)
     prog = get_program(mcfg, run_cfg.loss, tcfg, data.train.n, n_runs, parallel=parallel,
-                       devices=devices, run_devices=run_devices)
+                       devices=devices, run_devices=run_devices, run_batch=run_batch)
     host_state = init_population(mcfg, tcfg, run_cfg.loss, runs, prog.steps, params)
     selectors = [Selector(run_cfg.dataset) for _ in runs]
     records = [{"epoch": -1, "history": [],
@@ -208,7 +219,53 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     seconds = (time.perf_counter() - t0) / n_runs
     for i, rec in enumerate(records):
         rec["seconds"]["protocol"] = seconds
+        rec["population"] = labels
         rec["final_state"] = unstack(final, i)
+    return records
+
+
+def state_dir_name(runs: Sequence[Run]) -> str:
+    """The directory of a population's resumable state under the output directory: the run's own
+    directory for one run, else `population-<run>+<run>...` (a resume must group the runs the
+    same way)."""
+    if len(runs) == 1:
+        return runs[0].label
+    return "population-" + "+".join(r.label for r in runs)
+
+
+def group_runs(run_cfg: RunConfig, runs: Sequence[Run], population: int | None = None):
+    """The runs split into populations: runs of the same model and program-shaping loss fields
+    (`population.program_key`) train together, in order of first appearance, at most
+    `population` per program (None = no cap). Yields (RunConfig of the group, [Run])."""
+    groups: dict = {}
+    for r in runs:
+        model = r.model or run_cfg.model
+        key = (model, program_key(r.loss or run_cfg.loss))
+        groups.setdefault(key, []).append(r)
+    for (model, _), members in groups.items():
+        base = dataclasses.replace(run_cfg, model=model, loss=members[0].loss or run_cfg.loss)
+        cap = population or len(members)
+        for start in range(0, len(members), cap):
+            yield base, members[start : start + cap]
+
+
+def fit_runs(run_cfg: RunConfig, data, runs: Sequence[Run], out_dir, *,
+             population: int | None = None, params=None, log=print, **kwargs) -> dict:
+    """Train and evaluate any set of runs: grouped into as few programs as possible
+    (`group_runs`), each group one `fit_population` call writing run `r` under `out_dir/r.label`
+    and the group's resumable state under `out_dir/state_dir_name(group)`. `params` (optional):
+    a function `Run -> initial parameters or None`. Returns {run label: record}."""
+    out_dir = Path(out_dir)
+    records = {}
+    for base, group in group_runs(run_cfg, runs, population):
+        if len(group) > 1:
+            log(f"{base.model.model}: {', '.join(r.label for r in group)} train as one "
+                "population")
+        recs = fit_population(base, data, group, [out_dir / r.label for r in group],
+                              out_dir / state_dir_name(group), log=log,
+                              params=None if params is None else [params(r) for r in group],
+                              **kwargs)
+        records.update({r.label: rec for r, rec in zip(group, recs)})
     return records
 
 

@@ -5,7 +5,8 @@ initialisation, data order, training masks, subset views and imputation noise), 
 of `LossConfig` and the base learning rate. Those numbers live in the `TrainState` (`rng`,
 `mask_rng`, `order_rng`, `hparams`) and the population's state carries a leading run axis [P] on
 every leaf, anchors and optimizer states included. The per-device train step is vmapped over that
-axis, so one compiled program trains all P runs; what changes the graph (w/o UCMI, another model,
+axis (on a CPU, mapped over in turn: `default_run_batch`), so one compiled program trains all P
+runs; what changes the graph (w/o UCMI, another model,
 other shapes) needs a population of its own.
 
 One epoch is one device call: the training split is placed on the devices once, and
@@ -59,39 +60,53 @@ EVAL_ROWS = 256  # rows per evaluation batch, summed over the runs evaluated tog
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run of a population: its seed, its loss weights (a `LossConfig`; None = the
-    population's) and base learning rate (None = the train config's), and a name (its directory
-    under the sweep's output; default `seed_<seed>`)."""
+    """One run: its seed, its loss weights (a `LossConfig`; None = the base one), base learning
+    rate (None = the train config's), model (a `ModelConfig`; None = the base one; runs of
+    different models train in different populations, `fit.fit_runs`) and a name (its directory;
+    default `seed_<seed>`)."""
 
     seed: int
     loss: LossConfig | None = None
     lr: float | None = None
     name: str | None = None
+    model: ModelConfig | None = None
 
     @property
     def label(self) -> str:
         return self.name or f"seed_{self.seed}"
 
 
-def check_population(runs: Sequence[Run], base_loss: LossConfig) -> None:
-    """Raise a ValueError when the runs cannot share one program: every field of their
-    LossConfigs other than the weights and the two switches (which fold into the weights) must
-    match the population's, and names must be unique."""
+def program_key(loss: LossConfig) -> tuple:
+    """The fields of a LossConfig that shape the program: all but the weights and the two
+    switches (which fold into the weights, `train.run_hparams`)."""
+    numeric = set(LOSS_WEIGHTS) | {"use_ucsa", "use_mipc"}
+    return tuple((f.name, getattr(loss, f.name)) for f in dataclasses.fields(LossConfig)
+                 if f.name not in numeric)
+
+
+def check_population(runs: Sequence[Run], base_loss: LossConfig,
+                     base_model: ModelConfig | None = None) -> None:
+    """Raise a ValueError when the runs cannot share one program: their LossConfigs may differ
+    from the population's only in the weights and the two switches, their model (when set) must
+    be the population's, and names must be unique."""
     if not runs:
         raise ValueError("a population needs at least one run")
     names = [r.label for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}")
-    numeric = set(LOSS_WEIGHTS) | {"use_ucsa", "use_mipc"}
+    base = dict(program_key(base_loss))
     for r in runs:
+        if r.model is not None and base_model is not None and r.model != base_model:
+            raise ValueError(f"run {r.label}: its ModelConfig differs from the population's; "
+                             "train it in a population of its own (`fit.fit_runs` groups them)")
         if r.loss is None:
             continue
-        for f in dataclasses.fields(LossConfig):
-            if f.name not in numeric and getattr(r.loss, f.name) != getattr(base_loss, f.name):
+        for name, value in program_key(r.loss):
+            if value != base[name]:
                 raise ValueError(
-                    f"run {r.label}: LossConfig.{f.name} = {getattr(r.loss, f.name)!r} differs "
-                    f"from the population's {getattr(base_loss, f.name)!r}; it changes the "
-                    "program, so train that run in a population of its own")
+                    f"run {r.label}: LossConfig.{name} = {value!r} differs from the "
+                    f"population's {base[name]!r}; it changes the program, so train that run "
+                    "in a population of its own")
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -108,7 +123,7 @@ def init_population(model_cfg: ModelConfig, train_cfg: TrainConfig, base_loss: L
                     runs: Sequence[Run], spe: int, params: Sequence[Any] | None = None) -> TrainState:
     """The stacked host state of `runs` ([P] on every leaf): each run's `create_state` (its
     parameters from `params[i]` when given, else initialised from its seed)."""
-    check_population(runs, base_loss)
+    check_population(runs, base_loss, model_cfg)
     params = list(params) if params is not None else [None] * len(runs)
     states = [jax.device_get(create_state(model_cfg, train_cfg, r.seed, spe, params=p,
                                           loss_cfg=r.loss or base_loss, lr=r.lr))
@@ -131,7 +146,9 @@ def mesh_shape(n_runs: int, n_devices: int, parallel: str, run_devices: int | No
 
 
 class PopulationProgram:
-    """The compiled programs of one population of `n_runs` runs on `devices`.
+    """The compiled programs of one population of `n_runs` runs on `devices`. A device's runs are
+    vmapped `run_batch` at a time (default `default_run_batch`: all on an accelerator, one at a
+    time, a `lax.map`, on a CPU).
 
     `train_epoch(state, train) -> (state, metrics)`: one epoch of every run (`metrics`: each
     loss term, `lr` and `nonfinite` per run and step, [P, steps]). `predict(params, rows, keep)
@@ -142,13 +159,18 @@ class PopulationProgram:
 
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
                  n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
-                 run_devices: int | None = None, eval_rows: int = EVAL_ROWS):
+                 run_devices: int | None = None, eval_rows: int = EVAL_ROWS,
+                 run_batch: int | None = None):
         if parallel not in ("pmap", "shard_map"):
             raise ValueError(f"parallel mode must be 'pmap' or 'shard_map', got {parallel!r}")
+        if run_batch is not None and run_batch < 1:
+            raise ValueError(f"run_batch must be >= 1, got {run_batch}")
         self.model_cfg, self.train_cfg, self.parallel = model_cfg, train_cfg, parallel
         self.n_train, self.n_runs, self.eval_rows = n_train, n_runs, eval_rows
         self.devices = list(devices or jax.local_devices())
         self.r, self.d = mesh_shape(n_runs, len(self.devices), parallel, run_devices)
+        local = n_runs // self.r
+        self.run_batch = min(run_batch or default_run_batch(self.devices, local), local)
         self.steps = steps_per_epoch(n_train, train_cfg.batch_size)
         self.global_batch = global_batch_size(train_cfg.batch_size, self.d)
         self.mesh = Mesh(np.array(self.devices).reshape(self.r, self.d), (RUNS, AXIS))
@@ -189,9 +211,9 @@ class PopulationProgram:
             return jax.lax.scan(body, st, rows)
 
         # Under vmap the encode-once `lax.cond` would turn into a select that runs both branches;
-        # with several runs per device encode both passes in full (the same numbers).
-        with common.encode_once(self.n_runs // self.r == 1):
-            return jax.vmap(run_epoch, in_axes=(0, None))(state, train)
+        # with several runs vmapped together encode both passes in full (the same numbers).
+        with common.encode_once(self.run_batch == 1):
+            return _map_runs(lambda st: run_epoch(st, train), state, self.run_batch)
 
     def _device_predict(self, params, rows: dict, keep: dict):
         """Predictions [p, 1, nb * bs] of this device's parameter sets [p, ...] on its rows
@@ -212,7 +234,7 @@ class PopulationProgram:
             nb = jax.tree_util.tree_leaves(rows)[0].shape[0]
             return jax.lax.map(one_batch, (rows, keep, jnp.arange(nb))).reshape(-1)
 
-        return jax.vmap(one_params)(params)[:, None]
+        return _map_runs(one_params, params, self.run_batch)[:, None]
 
     # -- placement ----------------------------------------------------------------------------
 
@@ -248,7 +270,8 @@ class PopulationProgram:
         """(batches per device, rows per batch) for `n` evaluation rows and `n_sets` parameter
         sets: about `eval_rows` rows per batch summed over the sets a device evaluates."""
         per_device = -(-n // self.d)
-        bs = max(1, min(self.eval_rows // max(n_sets // self.r, 1), per_device))
+        together = min(self.run_batch, max(n_sets // self.r, 1))
+        bs = max(1, min(self.eval_rows // together, per_device))
         return -(-per_device // bs), bs
 
     def put_rows(self, arrays: dict, n_sets: int) -> dict:
@@ -297,13 +320,34 @@ def _cached_program(*args, **kwargs) -> PopulationProgram:
 
 def get_program(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
                 n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
-                run_devices: int | None = None, eval_rows: int = EVAL_ROWS) -> PopulationProgram:
+                run_devices: int | None = None, eval_rows: int = EVAL_ROWS,
+                run_batch: int | None = None) -> PopulationProgram:
     """A `PopulationProgram`, shared by every caller with the same arguments (the 8 most recent
     are kept), so populations of the same shapes, e.g. the groups of `--population N` or a
     resumed run, compile once per process."""
     devices = tuple(devices or jax.local_devices())
     return _cached_program(model_cfg, loss_cfg, train_cfg, n_train, n_runs, parallel=parallel,
-                           devices=devices, run_devices=run_devices, eval_rows=eval_rows)
+                           devices=devices, run_devices=run_devices, eval_rows=eval_rows,
+                           run_batch=run_batch)
+
+
+def default_run_batch(devices, runs_per_device: int) -> int:
+    """How many of a device's runs are vmapped together: all of them on an accelerator (the
+    point of a population: a small model leaves a GPU idle), one at a time on a CPU, where a
+    batched run costs more than running the runs in turn (benchmark: 3 vmapped EASE runs took
+    1.47x the time of 3 single runs, and encode-once is lost under vmap)."""
+    return 1 if devices[0].platform == "cpu" else runs_per_device
+
+
+def _map_runs(fn, tree, run_batch: int):
+    """`fn` over the leading run axis of `tree`: a `lax.map` (runs in turn) for run_batch 1, a
+    vmap of all for run_batch >= the number of runs, else a `lax.map` over vmapped chunks."""
+    n = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    if run_batch == 1:
+        return jax.lax.map(fn, tree)
+    if run_batch >= n:
+        return jax.vmap(fn)(tree)
+    return jax.lax.map(fn, tree, batch_size=run_batch)
 
 
 def _squeeze0(tree):
@@ -311,15 +355,16 @@ def _squeeze0(tree):
 
 
 
-def run_footprint_bytes(run_cfg, train_arrays: dict) -> tuple[int, int]:
-    """(bytes per run, bytes shared by the runs) of the epoch program on one device, from XLA's
-    memory analysis of the compiled program of one run traced as several runs are (encode-once
-    off): per run, its state (parameters, optimizer state, anchors) and the temporaries; shared,
-    the training arrays (`train.model_arrays`). Compiles once; nothing runs."""
+def run_footprint_bytes(run_cfg, train_arrays: dict) -> dict:
+    """Memory of the epoch program of one run on one device, from XLA's memory analysis of the
+    compiled program (encode-once off, as when runs are vmapped): {"state": a run's state
+    (parameters, optimizer state, anchors), "temp": the step's temporaries, "data": the training
+    arrays (`train.model_arrays`), shared by all runs}. Vmapped runs each need state + temp; runs
+    mapped in turn share one temp. Compiles once; nothing runs."""
     mcfg, tcfg = run_cfg.model, run_cfg.train
     n_train = next(iter(train_arrays.values())).shape[0]
     prog = PopulationProgram(mcfg, run_cfg.loss, tcfg, n_train, 1, parallel="shard_map",
-                             devices=jax.local_devices()[:1])
+                             devices=jax.local_devices()[:1], run_batch=1)
     one = jax.eval_shape(lambda: create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss))
     state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), one)
     train = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
@@ -330,4 +375,5 @@ def run_footprint_bytes(run_cfg, train_arrays: dict) -> tuple[int, int]:
     def size(tree):
         return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
-    return int(size(state) + mem.temp_size_in_bytes), int(size(train))
+    return {"state": int(size(state)), "temp": int(mem.temp_size_in_bytes),
+            "data": int(size(train))}

@@ -8,7 +8,9 @@ The per-device step `(state, batch, rng) -> (state, metrics)` (section 9 of PROT
   4. averages gradients with `lax.pmean(..., "data")` and applies AdamW with the per-epoch
      warm-up + cosine schedule of the released code (`epoch_lr`; epoch 1 at lr 0).
 Batches are padded to the global batch size with zero-weight rows, so the step compiles once and
-a batch that does not divide by the device count costs nothing but the padding.
+a batch that does not divide by the device count costs nothing but the padding. The run's base lr
+and loss weights are numbers in its state (`TrainState.hparams`), so `ease_jax.population` can vmap
+this step over runs that differ in them; `epoch_rows` / `gather_rows` build its batches on device.
 """
 
 from __future__ import annotations

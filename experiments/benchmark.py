@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--population", default=None,
                    help="comma-separated run counts (e.g. 1,3,9): measure the population engine "
                         "(runs per program) instead of the single step")
+    p.add_argument("--run-batch", type=int, default=None,
+                   help="--population: runs vmapped together (default: all on an accelerator, "
+                        "one at a time on a CPU)")
     p.add_argument("--epoch-steps", type=int, default=2,
                    help="--population: training steps per timed epoch (default 2)")
     p.add_argument("--out", default="runs/benchmark.json", help="JSON output path")
@@ -432,7 +435,7 @@ def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
         records = fit_population(run_cfg, data, runs, [Path(tmp) / r.label for r in runs],
                                  Path(tmp) / "population", parallel=args.parallel,
                                  params=[params] * n_runs, log=lambda _: None, progress=False,
-                                 protocol=False)
+                                 protocol=False, run_batch=args.run_batch)
     first, second = (h for h in records[0]["history"])
     train_s = [h["seconds_train"] * n_runs for h in (first, second)]
     step_s = train_s[1] / args.epoch_steps
@@ -441,7 +444,7 @@ def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
     mem = _peak_memory()
     row = {
         "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
-        "population": n_runs, "n_devices": jax.local_device_count(),
+        "population": n_runs, "run_batch": args.run_batch, "n_devices": jax.local_device_count(),
         "batch_size": args.batch_size, "epoch_steps": args.epoch_steps, "n_params": n_params,
         "compile_s": train_s[0] - train_s[1], "step_s": step_s,
         "run_samples_per_s": n_runs * args.batch_size / step_s,
@@ -471,6 +474,7 @@ def _run_isolated(model: str, text_encoder: str, args, n_runs: int | None = None
         spec = f"{model}:{text_encoder}" + ("" if n_runs is None else f":{n_runs}")
         cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", spec,
                "--worker-out", str(out), "--epoch-steps", str(args.epoch_steps),
+               *(["--run-batch", str(args.run_batch)] if args.run_batch else []),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
                "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
@@ -652,7 +656,7 @@ def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -
                      "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
                      "parallel": args.parallel, "isolated": not args.no_isolate,
                      "population": args.population_list or None,
-                     "epoch_steps": args.epoch_steps,
+                     "epoch_steps": args.epoch_steps, "run_batch": args.run_batch,
                      "precision": args.precision, "encode_once": not args.no_encode_once,
                      "init": args.init,
                      "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},

@@ -48,11 +48,11 @@ def tiny_setup():
                            arrays=T.model_arrays(data.train, mcfg))
 
 
-def train(s, runs, parallel, n_devices):
+def train(s, runs, parallel, n_devices, run_batch=None):
     """EPOCHS epochs of `runs` as one population: (host state, per-epoch metrics, test preds,
     program)."""
     prog = Pop.get_program(s.mcfg, s.loss, s.tcfg, s.data.train.n, len(runs), parallel=parallel,
-                           devices=jax.devices()[:n_devices])
+                           devices=jax.devices()[:n_devices], run_batch=run_batch)
     state = prog.put_state(Pop.init_population(s.mcfg, s.tcfg, s.loss, runs, prog.steps))
     train_arrays = prog.put_train(s.arrays)
     metrics = []
@@ -79,14 +79,19 @@ def setup():
     return s
 
 
-LAYOUTS = [("pmap", 1), ("shard_map", 4), pytest.param(("pmap", 4), marks=pytest.mark.slow)]
+# (parallel mode, devices, runs vmapped together): on a CPU the default maps the runs in turn;
+# 6 vmaps all six (the accelerator default), 2 maps over vmapped pairs.
+LAYOUTS = [("pmap", 1, None), ("pmap", 1, 6), ("shard_map", 4, 3),
+           pytest.param(("pmap", 4, 2), marks=pytest.mark.slow),
+           pytest.param(("shard_map", 4, None), marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}-{x[1]}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}-{x[1]}-batch{x[2]}")
 def test_population_member_equals_the_run_alone(setup, layout):
-    parallel, n = layout
-    state, metrics, preds, prog = train(setup, setup.runs, parallel, n)
+    parallel, n, run_batch = layout
+    state, metrics, preds, prog = train(setup, setup.runs, parallel, n, run_batch)
     assert prog.traces["epoch"] == 1 and prog.traces["predict"] == 1  # one compile for all six
+    assert prog.run_batch == min(run_batch or 1, 6 // prog.r)
     if parallel == "shard_map":
         assert (prog.r, prog.d) == (2, 2)  # 3 runs on each of 2 device pairs, data over 2
     for i, (alone_state, alone_metrics, alone_preds, _) in enumerate(setup.alone):
@@ -164,8 +169,8 @@ def test_stack_unstack_round_trip(setup):
 
 def test_run_footprint_bytes(setup):
     run = RunConfig(dataset="mosi", model=setup.mcfg, loss=setup.loss, train=setup.tcfg)
-    per_run, shared = Pop.run_footprint_bytes(run, setup.arrays)
+    mem = Pop.run_footprint_bytes(run, setup.arrays)
     state = jax.device_get(T.create_state(setup.mcfg, setup.tcfg, 0, 3))
-    state_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(state))
-    assert per_run > state_bytes  # the state plus the step's temporaries
-    assert shared == sum(np.asarray(v).nbytes for v in setup.arrays.values())
+    assert mem["state"] == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(state))
+    assert mem["temp"] > 0
+    assert mem["data"] == sum(np.asarray(v).nbytes for v in setup.arrays.values())

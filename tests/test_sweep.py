@@ -21,6 +21,7 @@ import pytest
 
 from ease_jax import evaluate as E
 from ease_jax import fit as F
+from ease_jax import report
 from ease_jax.config import LossConfig, TrainConfig, replace
 from ease_jax.data.mmsa import load_mmsa
 from ease_jax.data.synthetic import synthetic
@@ -88,13 +89,20 @@ def test_population_argument_and_size(monkeypatch):
     # auto: (memory - shared data) // per-run footprint, clipped to [1, runs].
     from ease_jax import population
 
-    monkeypatch.setattr(population, "run_footprint_bytes", lambda run, arrays: (3 * 2**30, 2**30))
-    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 8 * 2**30)
+    gib = 2**30
+    monkeypatch.setattr(population, "run_footprint_bytes",
+                        lambda run, arrays: {"state": gib, "temp": 2 * gib, "data": gib})
+    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 8 * gib)
     data = load_mmsa_synthetic()
     run = argparse.Namespace(model=sweep.build_run(args_for("mosi"), "mosi", data, True)[0])
-    assert sweep.population_size("auto", run, data, 9, log.append) == 2  # (8 - 1) // 3
-    assert "3.00 GiB per run" in log[-1] and "2 run(s) per program" in log[-1]
-    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 2 * 2**30)
+    # Vmapped (accelerator): (8 - 1 data) // (1 state + 2 temp) = 2.
+    monkeypatch.setattr(population, "default_run_batch", lambda devices, n: n)
+    assert sweep.population_size("auto", run, data, 9, log.append) == 2
+    assert "3.00 GiB per run (vmapped" in log[-1] and "2 run(s) per program" in log[-1]
+    # Mapped in turn (CPU): one temp shared: (8 - 1 - 2) // 1 = 5.
+    monkeypatch.setattr(population, "default_run_batch", lambda devices, n: 1)
+    assert sweep.population_size("auto", run, data, 9, log.append) == 5
+    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 2 * gib)
     assert sweep.population_size("auto", run, data, 9, log.append) == 1
 
 
@@ -287,7 +295,7 @@ COLUMNS = {
 @pytest.mark.parametrize("dataset", ["mosi", "sims"])
 def test_results_markdown_layout(dataset):
     res = fake_results(dataset)
-    md = sweep.results_markdown(res, "ease", "real")
+    md = report.results_markdown(res, "ease", "real")
     lines = md.splitlines()
     assert lines[0] == f"# EASE on {dataset.upper()} (real data: fake.pkl)"
     for line in PAPER_LINES[dataset]:
@@ -305,12 +313,24 @@ def test_results_markdown_layout(dataset):
     rate_rows = [line for line in lines if re.match(r"\| 0\.\d \|", line)]
     assert len(rate_rows) == 20  # 10 rates x 2 protocols
     assert "{l,a}" in md and "| mean |" in md
+    # Table 6: removing one modality reads the kept-pair rows; "all" is r = 0.
+    for proto in ("honest", "paper"):
+        agg = res["protocols"][proto]
+        section = md.split(f"## Single-modality ablation (Table 6 view of the rows above), "
+                           f"{proto} protocol")[1].split("##")[0]
+        for name, source in (("all (r = 0)", agg["per_rate"]["0.0"]),
+                             ("w/o {v}", agg["inter_modal"]["la"]),
+                             ("w/o {a}", agg["inter_modal"]["lv"]),
+                             ("w/o {l}", agg["inter_modal"]["av"])):
+            cells = [" / ".join(fmt(m, source[m]["mean"], source[m]["std"]) for m in col)
+                     for col in COLUMNS[dataset]]
+            assert f"| {name} | " + " | ".join(cells) + " |" in section.splitlines()
 
 
 @pytest.mark.parametrize("dataset", ["mosi", "sims"])
 def test_plot_curves_writes_a_png(tmp_path, dataset):
     path = tmp_path / "curves.png"
-    sweep.plot_curves(fake_results(dataset), path, "synthetic")
+    report.plot_curves(fake_results(dataset), path, "synthetic")
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5000
 
@@ -396,7 +416,8 @@ def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
     results = sweep.main("mosi", argv=two_seed_argv(tiny_pickle, out))
     check_outputs(out, results, "mosi", (1111, 1112), 2, synthetic_data=False)
     # Both seeds trained as one population, whose resumable state has its own directory.
-    assert [results["seeds"][s]["population"] for s in ("1111", "1112")] == [[1111, 1112]] * 2
+    pop = ["seed_1111", "seed_1112"]
+    assert [results["seeds"][s]["population"] for s in ("1111", "1112")] == [pop] * 2
     assert (out / "population-seed_1111+seed_1112" / "latest").is_dir()
     assert results["config"]["model"]["dim"] == TINY["dim"]
     assert results["data"]["sizes"] == [16, 8, 8]

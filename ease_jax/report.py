@@ -1,0 +1,388 @@
+"""Results as files, shared by every command: JSON, the papers' Markdown tables, plots.
+
+Numbers come from the library (`ease_jax.evaluate`, `ease_jax.analysis`); this module only lays
+them out: `results_markdown` (Table 1 layout with the papers' rows, per rate, inter-modal, Table 6,
+bursts), `comparison_markdown`, `plot_curves` / `plot_comparison` (Fig. 3 style), `write_json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+# Paper numbers (PROTOCOL.md section 10; EASE paper Tables 1-2): 10-rate means, paper protocol.
+PAPER_ROWS = {
+    "mosi": {"EASE (paper)": [73.60, 74.71, 73.66, 74.79, 39.57, 35.75, 0.995, 0.573],
+             "LNLN (paper)": [70.94, 72.55, 71.25, 72.73, 38.27, 34.26, 1.046, 0.527]},
+    "mosei": {"EASE (paper)": [79.43, 79.14, 80.04, 79.67, 47.69, 46.17, 0.645, 0.610],
+              "LNLN (paper)": [78.19, 76.30, 79.95, 77.77, 46.17, 45.42, 0.692, 0.530]},
+    "sims": {"EASE (paper)": [74.72, 75.13, 58.08, 35.62, 0.486, 0.451],
+             "LNLN (paper)": [72.73, 79.43, 57.14, 34.64, 0.514, 0.397]},
+}
+TABLE_COLUMNS = {
+    "mosi": (("Acc-2 has0/non0", ("Has0_acc_2", "Non0_acc_2")),
+             ("F1 has0/non0", ("Has0_F1_score", "Non0_F1_score")),
+             ("Acc-5", ("Mult_acc_5",)), ("Acc-7", ("Mult_acc_7",)), ("MAE", ("MAE",)),
+             ("Corr", ("Corr",))),
+    "sims": (("Acc-2", ("Mult_acc_2",)), ("F1", ("F1_score",)), ("Acc-3", ("Mult_acc_3",)),
+             ("Acc-5", ("Mult_acc_5",)), ("MAE", ("MAE",)), ("Corr", ("Corr",))),
+}
+TABLE_COLUMNS["mosei"] = TABLE_COLUMNS["mosi"]
+
+
+
+def comparison_markdown(comparison: dict, label: str) -> str:
+    ds = comparison["dataset"]
+    head = [name for name, _ in TABLE_COLUMNS[ds]]
+    models = list(comparison["seeds"])
+    lines = [f"# {' vs '.join(m.upper() for m in models)} on {ds.upper()} ({label} data: "
+             f"{comparison['data']['source']})", "",
+             "Test metrics, mean over seeds (" + ", ".join(
+                 f"{m.upper()}: {len(s)} seed(s)" for m, s in comparison["seeds"].items())
+             + "). Accuracies and F1 in %. Each model's own results.md has the paper rows, the "
+               "per-seed spread and the other protocol's details.", ""]
+    constant = row_cells(ds, comparison["baselines"]["constant"])
+    for proto, desc in (("honest", "honest protocol (valid-selected)"),
+                        ("paper", "paper protocol (test-selected)")):
+        rows = comparison["protocols"][proto]
+        lines += [f"## 10-rate mean and kept-modality mean, {desc}", "",
+                  "| model | condition | " + " | ".join(head) + " |",
+                  "|---|---|" + "---|" * len(head)]
+        for model in models:
+            lines.append(f"| {model.upper()} | mean over r | "
+                         + " | ".join(row_cells(ds, rows[model]["mean_over_rates"], True)) + " |")
+            if rows[model]["mean_over_subsets"]:
+                lines.append(f"| {model.upper()} | mean over kept subsets | "
+                             + " | ".join(row_cells(ds, rows[model]["mean_over_subsets"], True)) + " |")
+        lines.append("| constant (train median) | - | " + " | ".join(constant) + " |")
+        lines += ["", f"## MAE and Corr per missing rate, {desc}", "",
+                  "| r | " + " | ".join(f"{m.upper()} MAE | {m.upper()} Corr" for m in models)
+                  + " |", "|---|" + "---|---|" * len(models)]
+        for r in rows[models[0]]["per_rate"]:
+            cells = []
+            for m in models:
+                v = rows[m]["per_rate"][r]
+                cells += [fmt("MAE", v["MAE"]["mean"]), fmt("Corr", v["Corr"]["mean"])]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        subsets = list(rows[models[0]]["inter_modal"])
+        if subsets:
+            lines += ["", f"## MAE and Corr per kept-modality subset, {desc}", "",
+                      "| kept | " + " | ".join(f"{m.upper()} MAE | {m.upper()} Corr"
+                                               for m in models) + " |",
+                      "|---|" + "---|---|" * len(models)]
+            for sub in subsets:
+                cells = []
+                for m in models:
+                    v = rows[m]["inter_modal"][sub]
+                    cells += [fmt("MAE", v["MAE"]["mean"]), fmt("Corr", v["Corr"]["mean"])]
+                lines.append(f"| {{{','.join(sub)}}} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Constant predictor MAE: {fmt('MAE', comparison['baselines']['constant']['MAE'])}"
+                 f"; Corr is undefined for it (NaN).")
+    return "\n".join(lines) + "\n"
+
+
+
+def plot_comparison(per_model: dict, path: Path, label: str) -> None:
+    """All models' curves in one figure: metric vs missing rate, honest protocol solid and paper
+    protocol dashed, mean ± std over seeds, the constant predictor dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(per_model.values()))
+    ds = first["dataset"]
+    metrics = [m for _, ms in TABLE_COLUMNS[ds] for m in ms[:1]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes, metrics):
+        for color, (model, res) in zip(colors, per_model.items()):
+            for proto, style in (("honest", "-o"), ("paper", "--s")):
+                per_rate = res["protocols"][proto]["per_rate"]
+                rates = [float(r) for r in per_rate]
+                mean = np.array([per_rate[r][m]["mean"] for r in per_rate])
+                std = np.array([per_rate[r][m]["std"] for r in per_rate])
+                ax.plot(rates, mean, style, color=color, ms=3, label=f"{model.upper()} {proto}")
+                ax.fill_between(rates, mean - std, mean + std, color=color, alpha=0.15)
+        ax.axhline(first["baselines"]["constant"][m], color="gray", lw=0.8, ls=":",
+                   label="constant")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("missing rate r")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{ds.upper()} ({label} data): " + " vs ".join(m.upper() for m in per_model),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+
+def fmt(metric: str, v: float) -> str:
+    """A metric as the tables print it: MAE / Corr with 3 decimals, accuracies and F1 in %."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    return f"{v:.3f}" if metric in ("MAE", "Corr") else f"{100 * v:.2f}"
+
+
+def row_cells(dataset: str, values: dict, std: bool = False) -> list[str]:
+    """The cells of one table row in the `TABLE_COLUMNS` layout; `values[m]` a number or
+    {"mean", "std"} (with `std`: "mean ± std")."""
+    cells = []
+    for _, metrics in TABLE_COLUMNS[dataset]:
+        parts = []
+        for m in metrics:
+            v = values[m]
+            if isinstance(v, dict):
+                s = fmt(m, v["mean"])
+                if std:
+                    s += f" ± {fmt(m, v['std'])}"
+            else:
+                s = fmt(m, v)
+            parts.append(s)
+        cells.append(" / ".join(parts))
+    return cells
+
+
+
+def results_markdown(results: dict, model: str, label: str) -> str:
+    ds = results["dataset"]
+    head = [name for name, _ in TABLE_COLUMNS[ds]]
+    n_seeds = len(results["seeds"])
+    lines = [f"# {model.upper()} on {ds.upper()} ({label} data: {results['data']['source']})", "",
+             f"Intra-modal missingness, mean over r = 0.0 ... 0.9; {n_seeds} seed(s), mean ± std "
+             "over seeds. Accuracies and F1 in %. Paper rows are the papers' numbers (paper "
+             "protocol, real MMSA data); they are comparable to ours only on the same data.", "",
+             "| row | protocol | " + " | ".join(head) + " |",
+             "|---|---|" + "---|" * len(head)]
+    for name, vals in PAPER_ROWS[ds].items():
+        cells = [f"{v:.3f}" if i >= len(vals) - 2 else f"{v:.2f}" for i, v in enumerate(vals)]
+        merged, i = [], 0
+        for _, metrics in TABLE_COLUMNS[ds]:
+            merged.append(" / ".join(cells[i:i + len(metrics)]))
+            i += len(metrics)
+        lines.append(f"| {name} | paper (test-selected) | " + " | ".join(merged) + " |")
+    for proto, desc in (("paper", "paper (test-selected)"), ("honest", "honest (valid MAE)")):
+        lines.append(f"| {model.upper()} (ours) | {desc} | "
+                     + " | ".join(row_cells(ds, results["protocols"][proto]["mean_over_rates"], True))
+                     + " |")
+    lines.append("| constant (train median) | - | "
+                 + " | ".join(row_cells(ds, results["baselines"]["constant"])) + " |")
+    for proto in ("honest", "paper"):
+        agg = results["protocols"][proto]
+        lines += ["", f"## Per missing rate, {proto} protocol", "",
+                  "| r | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for r, vals in agg["per_rate"].items():
+            lines.append(f"| {r} | " + " | ".join(row_cells(ds, vals)) + " |")
+        if agg.get("inter_modal"):
+            lines += ["", f"## Inter-modal (kept modalities), {proto} protocol", "",
+                      "| kept | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+            for s, vals in agg["inter_modal"].items():
+                lines.append(f"| {{{','.join(s)}}} | " + " | ".join(row_cells(ds, vals)) + " |")
+            lines.append("| mean | " + " | ".join(row_cells(ds, agg["mean_over_subsets"])) + " |")
+            lines += single_modality_table(ds, agg, proto)
+        if agg.get("burst"):
+            lines += ["", f"## Burst missingness (beyond the papers), {proto} protocol", "",
+                      "| r | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+            for r, vals in agg["burst"].items():
+                lines.append(f"| {r} | " + " | ".join(row_cells(ds, vals)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, path: Path, label: str) -> None:
+    """Metric vs missing rate (like the EASE paper's Fig. 3), both protocols, mean ± std."""
+    plot_comparison({results.get('model', 'model'): results}, path, label)
+
+
+def jsonable(x):
+    """`x` with NumPy scalars, tuples and dataclasses turned into JSON types."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if dataclasses.is_dataclass(x):
+        return jsonable(dataclasses.asdict(x))
+    return str(x)
+
+
+# Table 6 (PROTOCOL.md section 11): removing one modality = keeping the other two.
+SINGLE_MODALITY_ROWS = (("all (r = 0)", "per_rate", "0.0"), ("w/o {v}", "inter_modal", "la"),
+                        ("w/o {a}", "inter_modal", "lv"), ("w/o {l}", "inter_modal", "av"))
+
+
+def single_modality_table(dataset: str, agg: dict, proto: str) -> list[str]:
+    """Table 6 (single-modality ablation) as a view of the inter-modal results: no retraining,
+    the same model with one modality removed at test time (mean ± std over seeds)."""
+    head = [name for name, _ in TABLE_COLUMNS[dataset]]
+    lines = ["", f"## Single-modality ablation (Table 6 view of the rows above), {proto} protocol",
+             "", "| input | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for name, section, cond in SINGLE_MODALITY_ROWS:
+        if cond in agg.get(section, {}):
+            lines.append(f"| {name} | " + " | ".join(row_cells(dataset, agg[section][cond], True))
+                         + " |")
+    return lines
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON (NaN allowed, as the metrics of a constant predictor need)."""
+    Path(path).write_text(json.dumps(jsonable(obj), indent=1, allow_nan=True))
+
+
+# Table 4 columns (PROTOCOL.md section 11) and the metric whose paired difference is shown.
+ABLATION_COLUMNS = {
+    "mosi": (("F1 has0/non0", ("Has0_F1_score", "Non0_F1_score")), ("Acc-5", ("Mult_acc_5",)),
+             ("MAE", ("MAE",))),
+    "sims": (("F1", ("F1_score",)), ("Acc-5", ("Mult_acc_5",)), ("MAE", ("MAE",))),
+}
+ABLATION_COLUMNS["mosei"] = ABLATION_COLUMNS["mosi"]
+
+
+def _interval(metric: str, d: dict) -> str:
+    scale = 1.0 if metric in ("MAE", "Corr") else 100.0
+    digits = 3 if metric in ("MAE", "Corr") else 2
+    mean = f"{scale * d['mean']:+.{digits}f}"
+    if d["n"] < 2 or not np.isfinite(d["lo"]):
+        return mean
+    return f"{mean} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
+
+
+def ablation_markdown(results: dict, label: str) -> str:
+    """Table 4's layout: per protocol, every variant's 10-rate means (mean ± std over seeds),
+    its paired difference from EASE with a 95% interval, and the paper's MOSI row."""
+    from ease_jax.studies import PAPER_ABLATION_MOSI
+
+    ds = results["dataset"]
+    cols = ABLATION_COLUMNS[ds]
+    diff_metrics = [(name, ms[-1]) for name, ms in cols]
+    n = len(results["seeds"])
+    lines = [f"# EASE ablations (Table 4) on {ds.upper()} ({label} data: "
+             f"{results['data']['source']})", "",
+             f"10-rate means over r = 0.0 ... 0.9, {n} seed(s) ({', '.join(map(str, results['seeds']))}),"
+             " mean ± std over seeds; Δ = variant - EASE, paired by seed, mean [95% t-interval] "
+             "(no interval with one seed). Accuracies and F1 in %. Paper rows: the EASE paper's "
+             "MOSI Table 4 (paper protocol, real data), comparable to ours only on the same data.",
+             ""]
+    head = [name for name, _ in cols] + [f"Δ {name.split()[0]} {m}" for name, m in diff_metrics]
+    for proto, desc in (("honest", "honest protocol (valid-selected)"),
+                        ("paper", "paper protocol (test-selected)")):
+        lines += [f"## {desc}", "", "| variant | " + " | ".join(head)
+                  + (" | paper F1 has0/non0 | paper Acc-5 |" if ds == "mosi" else " |"),
+                  "|---|" + "---|" * (len(head) + (2 if ds == "mosi" else 0))]
+        for v, entry in results["variants"].items():
+            means = entry["protocols"][proto]["mean_over_rates"]
+            cells = [" / ".join(f"{fmt(m, means[m]['mean'])} ± {fmt(m, means[m]['std'])}"
+                                for m in ms) for _, ms in cols]
+            paired = entry.get("paired", {}).get(proto)
+            cells += ["-" if v == "EASE" or paired is None else _interval(m, paired[m])
+                      for _, m in diff_metrics]
+            if ds == "mosi":
+                paper = PAPER_ABLATION_MOSI.get(v)
+                cells += [f"{paper[0]:.2f} / {paper[1]:.2f}", f"{paper[2]:.2f}"] if paper \
+                    else ["-", "-"]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_ablation(results: dict, path: Path, label: str) -> None:
+    """Every variant's paired difference from EASE (95% interval bars), one panel per Table 4
+    metric, both protocols."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = results["dataset"]
+    metrics = [(name, ms[-1]) for name, ms in ABLATION_COLUMNS[ds]]
+    variants = [v for v in results["variants"] if v != "EASE"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.45 * len(variants) + 1.6))
+    y = np.arange(len(variants))
+    for ax, (name, m) in zip(np.atleast_1d(axes), metrics):
+        scale = 1.0 if m in ("MAE", "Corr") else 100.0
+        for k, (proto, color) in enumerate((("honest", "C0"), ("paper", "C1"))):
+            d = [results["variants"][v]["paired"][proto][m] for v in variants]
+            mean = np.array([x["mean"] for x in d]) * scale
+            lo = np.array([x["lo"] for x in d]) * scale
+            hi = np.array([x["hi"] for x in d]) * scale
+            err = np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0)
+            ax.errorbar(mean, y + (k - 0.5) * 0.25, xerr=err, fmt="o", color=color, ms=4,
+                        capsize=2, label=proto)
+        ax.axvline(0.0, color="gray", lw=0.8)
+        ax.set_yticks(y, variants, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"Δ {name} ({m}) vs EASE", fontsize=9)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(f"EASE ablations on {ds.upper()} ({label} data), {len(results['seeds'])} seed(s)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SENSITIVITY_METRICS = (("Acc-5", "Mult_acc_5"), ("MAE", "MAE"))
+
+
+def sensitivity_markdown(results: dict, label: str) -> str:
+    """Fig. 7 as tables: per protocol and weight, Acc-5 and MAE (10-rate means, mean ± std over
+    seeds) against the weight's value, the other two at the preset."""
+    ds = results["dataset"]
+    lines = [f"# EASE loss-weight sensitivity (Fig. 7) on {ds.upper()} ({label} data: "
+             f"{results['data']['source']})", "",
+             "Eq. 13: L_sp + l1 L_ucmi + l2 (L_uada + 0.02 L_anchor) + l3 (L_cons + L_asym); one "
+             "weight varies, the others stay at l1 = 0.5, l2 = 0.2, l3 = 0.5. 10-rate means, "
+             f"{len(results['seeds'])} seed(s), mean ± std over seeds; Acc-5 in %.", ""]
+    for proto, desc in (("honest", "honest protocol (valid-selected)"),
+                        ("paper", "paper protocol (test-selected)")):
+        lines += [f"## {desc}", "", "| value | " + " | ".join(
+            f"{w} {name}" for w in ("l1", "l2", "l3") for name, _ in SENSITIVITY_METRICS) + " |",
+                  "|---|" + "---|" * 6]
+        by = {(pt["weight"], pt["value"]): pt["protocols"][proto] for pt in results["points"]}
+        for v in results["values"]:
+            cells = []
+            for w in ("l1", "l2", "l3"):
+                for _, m in SENSITIVITY_METRICS:
+                    x = by[(w, float(v))][m]
+                    cells.append(f"{fmt(m, x['mean'])} ± {fmt(m, x['std'])}")
+            lines.append(f"| {v:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sensitivity(results: dict, path: Path, label: str) -> None:
+    """Acc-5 and MAE against each weight (log-scaled value axis), both protocols, ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.4), sharex=True)
+    for col, w in enumerate(("l1", "l2", "l3")):
+        pts = sorted((pt for pt in results["points"] if pt["weight"] == w),
+                     key=lambda pt: pt["value"])
+        values = [pt["value"] for pt in pts]
+        for row, (name, m) in enumerate(SENSITIVITY_METRICS):
+            ax = axes[row, col]
+            scale = 100.0 if m != "MAE" else 1.0
+            for proto, style in (("honest", "-o"), ("paper", "--s")):
+                mean = np.array([pt["protocols"][proto][m]["mean"] for pt in pts]) * scale
+                std = np.array([pt["protocols"][proto][m]["std"] for pt in pts]) * scale
+                ax.plot(values, mean, style, ms=3, label=proto)
+                ax.fill_between(values, mean - std, mean + std, alpha=0.2)
+            ax.set_xscale("log")
+            ax.set_title(f"{name} vs {w}", fontsize=9)
+            if row == 1:
+                ax.set_xlabel(f"{w} (others at the preset)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"EASE loss-weight sensitivity on {results['dataset'].upper()} ({label} data), "
+                 f"{len(results['seeds'])} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
