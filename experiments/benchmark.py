@@ -570,6 +570,26 @@ def table(rows: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
+# EASE paper Table 5 (MOSI, one GPU): parameters and seconds per training epoch.
+PAPER_TABLE5 = (("Self-MM", "122M", 42.6), ("LNLN", "116M", 24.0), ("P-RMF", "117M", 18.0),
+                ("EASE", "116M", 7.9))
+
+
+def efficiency_table(rows: list[dict], env: dict) -> str:
+    """Table 5's layout: parameters and seconds per MOSI training epoch (21 steps of 64, no
+    evaluation), the paper's rows (their GPU) beside ours (this device). The paper's models
+    fine-tune BERT: compare with our BERT rows."""
+    lines = ["| model | parameters | s / MOSI epoch | device |", "|---|---|---|---|"]
+    lines += [f"| {name} (paper) | {params} | {sec:.1f} | the paper's GPU |"
+              for name, params, sec in PAPER_TABLE5]
+    for r in rows:
+        if r.get("error") or r.get("population") not in (None, 1):
+            continue
+        lines.append(f"| {r['model'].upper()} ({r['text_encoder']}, ours) | "
+                     f"{r['n_params'] / 1e6:.1f}M | {r['epoch_s']:.1f} | {device_name(env)} |")
+    return "\n".join(lines)
+
+
 def population_table(rows: list[dict], env: dict) -> str:
     head = ("| device | model | text encoder | runs | step s | run-samples/s | x one run | "
             "s/epoch (train) | host s/epoch | host % | compile s | peak memory | per run |")
@@ -643,6 +663,8 @@ def main(argv=None) -> dict | None:
               f"device kind {env['device_kind']}; batch {args.batch_size}, median of "
               f"{args.steps} steps; s/epoch = {math.ceil(MOSI_TRAIN / args.batch_size)} steps\n")
         print(table(rows, env))
+    print("\nTable 5 layout (efficiency):\n")
+    print(efficiency_table(rows, env))
     print(f"\nwrote {out}")
     return result
 
