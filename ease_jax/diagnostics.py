@@ -23,6 +23,7 @@ seed `seed_<s>/best` (the honest protocol's parameters). An ablation's output di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -375,22 +376,29 @@ def check_data_fits(run: RunInfo, data) -> None:
         raise RunError(f"{data.source} does not fit the model of {run.path}: {detail}")
 
 
-def restore_params(run: RunInfo, seed: int) -> tuple[Any, dict]:
-    """(parameters, record) of `seed`'s honest checkpoint (`<run>/seed_<s>/best`)."""
+@functools.lru_cache(maxsize=2)
+def _param_target(cfg: ModelConfig):
+    """Zeros with the parameter tree of `cfg` (restore's target; shapes from `jax.eval_shape`,
+    so nothing is initialised or compiled)."""
     import jax
 
-    from ease_jax import checkpoint
     from ease_jax.models import init_params
+
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def restore_params(run: RunInfo, seed: int) -> tuple[Any, dict]:
+    """(parameters, record) of `seed`'s honest checkpoint (`<run>/seed_<s>/best`)."""
+    from ease_jax import checkpoint
 
     if seed not in run.checkpoints:
         raise RunError(f"{run.path}: no seed {seed}; the run has seeds {run.seeds}")
     path = run.checkpoints[seed]
     if not path.is_dir():
         raise RunError(f"{path} not found: seed {seed} of {run.path} has no honest checkpoint")
-    shapes = jax.eval_shape(lambda k: init_params(run.model_cfg, k), jax.random.key(0))
-    target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     try:
-        return checkpoint.restore(path, target)
+        return checkpoint.restore(path, _param_target(run.model_cfg))
     except FileNotFoundError as e:
         raise RunError(f"{path}: no checkpoint in it ({e})") from e
     except Exception as e:  # Orbax: structure / shape mismatch with the recorded config
@@ -462,6 +470,7 @@ class Forward:
         if self.full and keep_full is None:
             raise ValueError("keep_full: this Forward computes the full-input prediction too")
         arrays = eval_arrays(split, self.cfg)
+        params = jax.device_put(params)  # once, not with every batch
         n, bs = split.n, self.batch_size
         rng = jax.random.key(0)
         chunks: list[dict] = []

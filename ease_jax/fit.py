@@ -226,11 +226,18 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
 
 def state_dir_name(runs: Sequence[Run]) -> str:
     """The directory of a population's resumable state under the output directory: the run's own
-    directory for one run, else `population-<run>+<run>...` (a resume must group the runs the
-    same way)."""
+    directory for one run, else `population-<run>+<run>...`, or, when that is long,
+    `population-<first run>+<n>more-<hash of all labels>` (a resume must group the runs the same
+    way; the checkpoint records its runs and a resume checks them)."""
+    import hashlib
+
     if len(runs) == 1:
         return runs[0].label
-    return "population-" + "+".join(r.label for r in runs)
+    joined = "+".join(r.label for r in runs)
+    if len(joined) <= 100:
+        return "population-" + joined
+    digest = hashlib.sha1(joined.encode()).hexdigest()[:10]
+    return f"population-{runs[0].label}+{len(runs) - 1}more-{digest}"
 
 
 def group_runs(run_cfg: RunConfig, runs: Sequence[Run], population: int | None = None):

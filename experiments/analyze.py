@@ -91,7 +91,12 @@ def main(argv=None) -> dict:
 def _main(args) -> dict:
     t0 = time.perf_counter()
     condition = D.parse_condition(args.condition, allow_none=False)
-    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")
+                                                 if s.strip()]
+    except ValueError:
+        raise D.RunError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
+            from None
     run = D.load_run(args.run, model=args.model, variant=args.variant,
                      purpose=f"--model {args.model}")
     baseline = None

@@ -70,6 +70,16 @@ def test_ablation_runs_and_their_populations():
     assert len(list(F.group_runs(run, runs[:2] + odd))) == 2
 
 
+def test_state_dir_names_stay_short_and_distinct():
+    run = tiny_run_config()
+    runs = S.ablation_runs(run.model, run.loss, [1111, 1112])
+    assert F.state_dir_name(runs[:1]) == "ease_seed_1111"
+    assert F.state_dir_name(runs[:2]) == "population-ease_seed_1111+ease_seed_1112"
+    long = F.state_dir_name(runs)
+    assert len(long) < 80 and long.startswith("population-ease_seed_1111+17more-")
+    assert long != F.state_dir_name(runs[:-1]) and long == F.state_dir_name(list(runs))
+
+
 def test_sensitivity_grid_is_eq13_around_the_preset():
     base = LossConfig.preset("paper")
     runs = S.sensitivity_runs(base, [7])
