@@ -270,7 +270,9 @@ def ablation_markdown(results: dict, label: str) -> str:
              "(no interval with one seed). Accuracies and F1 in %. Paper rows: the EASE paper's "
              "MOSI Table 4 (paper protocol, real data), comparable to ours only on the same data.",
              ""]
-    head = [name for name, _ in cols] + [f"Δ {name.split()[0]} {m}" for name, m in diff_metrics]
+    diff_names = {"Non0_F1_score": "Δ F1 non0", "F1_score": "Δ F1", "Mult_acc_5": "Δ Acc-5",
+                  "MAE": "Δ MAE"}
+    head = [name for name, _ in cols] + [diff_names[m] for _, m in diff_metrics]
     for proto, desc in (("honest", "honest protocol (valid-selected)"),
                         ("paper", "paper protocol (test-selected)")):
         lines += [f"## {desc}", "", "| variant | " + " | ".join(head)

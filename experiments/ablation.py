@@ -12,8 +12,6 @@ synthetic data with the sweep's small configuration and two seeds (labelled "syn
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from ease_jax.config import DATASETS
 from ease_jax.studies import ABLATIONS
@@ -51,15 +49,8 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     ds = args.dataset
-    out = Path(args.out or f"runs/{ds}_ablation")
-    out.mkdir(parents=True, exist_ok=True)
-    log = sweep._logger(out / "run.log").info
-    log(f"command: {' '.join(sys.argv)}")
-    import jax
-
-    sweep._enable_compilation_cache(jax)
-    data, is_synthetic = sweep.load_data(args, ds, log)
-    if is_synthetic and args.seeds is None:
+    out, log, data, is_synthetic = sweep.start_command(args, ds, f"runs/{ds}_ablation")
+    if is_synthetic and args.synthetic == "small" and args.seeds is None:
         args.seeds = SYNTHETIC_SEEDS
     run, bert_params = sweep.prepare_run(args, ds, data, is_synthetic, "ease", log)
     seeds = list(run.train.seeds)

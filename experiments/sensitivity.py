@@ -12,8 +12,6 @@ synthetic MOSEI-shaped data with the sweep's small configuration (labelled "synt
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from ease_jax.config import DATASETS
 from ease_jax.studies import SENSITIVITY_VALUES
@@ -55,14 +53,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     ds = args.dataset
-    out = Path(args.out or f"runs/{ds}_sensitivity")
-    out.mkdir(parents=True, exist_ok=True)
-    log = sweep._logger(out / "run.log").info
-    log(f"command: {' '.join(sys.argv)}")
-    import jax
-
-    sweep._enable_compilation_cache(jax)
-    data, is_synthetic = sweep.load_data(args, ds, log)
+    out, log, data, is_synthetic = sweep.start_command(args, ds, f"runs/{ds}_sensitivity")
     if args.loss_preset != "paper":
         log("sensitivity: using the paper's loss preset (Eq. 13), whose weights the grid varies")
     args.loss_preset = "paper"

@@ -65,6 +65,11 @@ def add_run_arguments(p: argparse.ArgumentParser, dataset: str | None) -> None:
                    help="MMSA pickle (default: " + (DEFAULT_DATA[dataset] if dataset else
                                                     "the data set's data/<DATASET>/Processed "
                                                     "pickle") + "); synthetic data when absent")
+    p.add_argument("--synthetic", choices=("small", "full"), default="small",
+                   help="without the pickle: small = the quick configuration (few samples and "
+                        "frames, a narrower model, 24 epochs; default), full = synthetic data at "
+                        "the real data set's sizes and shapes with the papers' model and "
+                        "training settings (a speed check for accelerators)")
     p.add_argument("--seeds", default=None, help="comma-separated (default 1111,1112,1113)")
     p.add_argument("--epochs", type=int, default=None, help="default 200")
     p.add_argument("--batch-size", type=int, default=64)
@@ -138,10 +143,16 @@ def load_data(args, dataset: str, log):
     path = Path(args.data)
     if path.is_file():
         return load_mmsa(path), False
+    full = getattr(args, "synthetic", "small") == "full"
     log(f"NOTE: {path} not found. Put the MMSA pickle there ({DEFAULT_DATA[dataset]}: a dict "
         "with train/valid/test splits holding text_bert, text, audio, vision, audio_lengths, "
         "vision_lengths, regression_labels; see data/README.md) or pass --data PATH. "
-        "Running on SYNTHETIC data with a small configuration instead.")
+        "Running on SYNTHETIC data with "
+        + ("the real data set's sizes and the papers' settings (--synthetic full)" if full
+           else "a small configuration") + " instead.")
+    if full:
+        raw = synthetic(dataset, seed=0)
+        return from_raw(raw, source=f"synthetic:{dataset}(seed=0,full)"), True
     raw = synthetic(dataset, seed=0, **SYNTHETIC)
     return from_raw(raw, source=f"synthetic:{dataset}(seed=0)"), True
 
@@ -161,7 +172,8 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
         overrides.update(text_len=dims["L_f"], text_dim=dims["D_t"])
     else:
         overrides.update(text_len=dims["L"])
-    train_kw = dict(SYNTHETIC_TRAIN) if is_synthetic else {}
+    small = is_synthetic and getattr(args, "synthetic", "small") == "small"
+    train_kw = dict(SYNTHETIC_TRAIN) if small else {}
     if args.epochs is not None:
         train_kw["epochs"] = args.epochs
         train_kw["warmup_epochs"] = min(train_kw.get("warmup_epochs", 20), max(args.epochs // 10, 1))
@@ -172,7 +184,7 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
     train_kw["batch_size"] = args.batch_size
     loss = LossConfig.preset(args.loss_preset, dataset)
     model = model or args.model[0]
-    if is_synthetic:
+    if small:
         overrides.update(SYNTHETIC_MODEL)
     return model_config(model, dataset, **overrides), loss, TrainConfig(**train_kw)
 
@@ -227,6 +239,21 @@ def initial_params(mcfg, seed: int, bert_params=None):
         raise ValueError("the BERT checkpoint's parameter tree does not match the model's BERT")
     params["encoder"]["bert"] = bert_params
     return params
+
+
+def start_command(args, dataset: str, default_out: str):
+    """The start every study command shares: the output directory (--out or `default_out`), its
+    run.log logger, the persistent compilation cache, and the data (or the synthetic fallback):
+    (out, log, data, is_synthetic)."""
+    out = Path(args.out or default_out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _logger(out / "run.log").info
+    log(f"command: {' '.join(sys.argv)}")
+    import jax
+
+    _enable_compilation_cache(jax)
+    data, is_synthetic = load_data(args, dataset, log)
+    return out, log, data, is_synthetic
 
 
 def prepare_run(args, dataset: str, data, is_synthetic: bool, model: str, log):

@@ -52,3 +52,20 @@ def random_model_params(cfg, seed: int):
 
     shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     return random_params(shapes, seed, scale_sd=0.1)
+
+
+def tiny_data_and_model(model: str = "ease", n_train: int = 24):
+    """Synthetic MOSI-like data (n_train / 8 / 8 rows, 3 text tokens, 3 audio and 3 vision
+    frames) and the TINY `model` in features mode at its shapes: (data, ModelConfig)."""
+    from ease_jax.config import model_config
+    from ease_jax.data.mmsa import from_raw
+    from ease_jax.data.synthetic import synthetic
+
+    raw = synthetic("mosi", seed=0, n_train=n_train, n_valid=8, n_test=8, text_len=3,
+                    audio_len=3, vision_len=3)
+    data = from_raw(raw, source="synthetic:tiny")
+    d = data.dims
+    mcfg = model_config(model, "mosi", text_encoder="features", text_len=d["L_f"],
+                        text_dim=d["D_t"], audio_len=d["T_a"], audio_dim=d["D_a"],
+                        vision_len=d["T_v"], vision_dim=d["D_v"], **TINY_MODEL)
+    return data, mcfg

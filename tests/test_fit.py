@@ -16,28 +16,20 @@ from ease_jax import checkpoint
 from ease_jax import evaluate as E
 from ease_jax import fit as F
 from ease_jax import train as T
-from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
-from ease_jax.data.mmsa import from_raw
-from ease_jax.data.synthetic import synthetic
+from ease_jax.config import LossConfig, RunConfig, TrainConfig
 from ease_jax.evaluate import PAPER_SELECTION, RATES
 from ease_jax.metrics import METRIC_KEYS
 from ease_jax.objectives import EASE_TERMS
 from ease_jax.population import Run
 
-from helpers import TINY_MODEL as TINY
+from helpers import tiny_data_and_model
 
 RUNS = [Run(1111), Run(1112, loss=LossConfig(cons=0.5), lr=2e-3, name="variant")]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    raw = synthetic("mosi", seed=0, n_train=24, n_valid=8, n_test=8, text_len=3, audio_len=3,
-                    vision_len=3)
-    data = from_raw(raw, source="synthetic:tiny")
-    d = data.dims
-    mcfg = model_config("ease", "mosi", text_encoder="features", text_len=d["L_f"],
-                        text_dim=d["D_t"], audio_len=d["T_a"], audio_dim=d["D_a"],
-                        vision_len=d["T_v"], vision_dim=d["D_v"], **TINY)
+    data, mcfg = tiny_data_and_model("ease")
     tcfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_epochs=0, seeds=(1111,))
     return SimpleNamespace(data=data, mcfg=mcfg, tcfg=tcfg,
                            run=RunConfig(dataset="mosi", model=mcfg, loss=LossConfig(), train=tcfg))

@@ -20,25 +20,17 @@ import pytest
 
 from ease_jax import population as Pop
 from ease_jax import train as T
-from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+from ease_jax.config import LossConfig, RunConfig, TrainConfig
 from ease_jax.data.missing import eval_keep_masks
-from ease_jax.data.mmsa import from_raw
-from ease_jax.data.synthetic import synthetic
 
-from helpers import TINY_MODEL as TINY
+from helpers import tiny_data_and_model
 
 EPOCHS = 2
 LOSS_RTOL, PARAM_REL_L2, PRED_ATOL = 1e-5, 1e-3, 1e-3
 
 
 def tiny_setup():
-    raw = synthetic("mosi", seed=0, n_train=20, n_valid=8, n_test=8, text_len=3, audio_len=3,
-                    vision_len=3)
-    data = from_raw(raw, source="synthetic:tiny")
-    d = data.dims
-    mcfg = model_config("ease", "mosi", text_encoder="features", text_len=d["L_f"],
-                        text_dim=d["D_t"], audio_len=d["T_a"], audio_dim=d["D_a"],
-                        vision_len=d["T_v"], vision_dim=d["D_v"], **TINY)
+    data, mcfg = tiny_data_and_model("ease", n_train=20)
     # 20 rows in batches of 7: 3 steps per epoch, the last one partial (6 real rows).
     tcfg = TrainConfig(epochs=4, batch_size=7, lr=1e-3, warmup_epochs=0)
     variants = [(LossConfig(), None), (LossConfig(ucmi=1.0, cons=0.5, uada=0.0, asym=3.0), 3e-3)]

@@ -131,6 +131,18 @@ def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
     assert data.dims["L"] == sweep.SYNTHETIC["text_len"]
 
 
+def test_synthetic_full_is_the_real_data_sets_shapes_and_settings(tmp_path):
+    logged = []
+    args = args_for("mosi", "--data", str(tmp_path / "none.pkl"), "--synthetic", "full")
+    data, is_synthetic = sweep.load_data(args, "mosi", logged.append)
+    assert is_synthetic and "--synthetic full" in logged[0]
+    assert (data.train.n, data.valid.n, data.test.n) == (1284, 229, 686)  # PROTOCOL.md 1
+    assert (data.dims["T_a"], data.dims["T_v"], data.dims["L"]) == (375, 500, 50)
+    mcfg, _, tcfg = sweep.build_run(args, "mosi", data, True, "ease")
+    assert (mcfg.dim, mcfg.heads, mcfg.text_encoder) == (128, 8, "features")
+    assert (tcfg.epochs, tcfg.lr, tcfg.seeds) == (200, None, (1111, 1112, 1113))
+
+
 def test_load_data_reads_an_existing_file(tiny_pickle):
     logged = []
     data, is_synthetic = sweep.load_data(
