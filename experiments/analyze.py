@@ -27,6 +27,8 @@ import numpy as np
 from ease_jax import diagnostics as D
 from experiments import sweep
 
+DEFAULT_RUN = "runs/mosi/ease"
+
 # The papers' numbers (PROTOCOL.md section 11), quoted beside ours.
 PAPER_KS = "MOSEI test: audio 0.076, vision 0.083 (condition not stated)"
 PAPER_ELASTIC = "~0.4 for language (MOSEI / MOSI)"
@@ -40,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="EASE's analyses of a trained run: calibration (Fig. 4), elastic alignment "
                     "(Fig. 5/8), cross-view consistency (Fig. 6/9); writes analysis.json / .md "
                     "and calibration.png, elastic.png, consistency.png.")
-    p.add_argument("--run", required=True,
-                   help="a finished sweep run directory (results.json, seed_<s>/best), e.g. "
-                        "runs/mosi_ease or runs/mosi/ease")
+    p.add_argument("--run", default=DEFAULT_RUN,
+                   help="a finished sweep run directory (results.json, seed_<s>/best); default "
+                        f"{DEFAULT_RUN}, EASE of the default `python -m experiments.mosi_sweep`")
     p.add_argument("--condition", default="0.5",
                    help="missingness of the completed input: a missing rate (default 0.5), a "
                         "kept-modality subset (la, l, av, ...) or burst:<rate>")
@@ -72,10 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def synthetic_loader(run: D.RunInfo, log):
-    """The sweep's synthetic data, rebuilt (sweep.load_data on a path that does not exist)."""
+    """The sweep's synthetic data, rebuilt (sweep.load_data on a path that does not exist; the
+    small or the full configuration, as the run's data.source says: "synthetic:mosi(seed=0)" or
+    "synthetic:mosi(seed=0,full)")."""
     def load():
-        args = argparse.Namespace(data=str(run.path / "__no_such_file__.pkl"))
-        return sweep.load_data(args, run.dataset, lambda msg: None)[0]
+        full = str(run.data.get("source", "")).rstrip(")").endswith(",full")
+        args = argparse.Namespace(data=str(run.path / "__no_such_file__.pkl"),
+                                  synthetic="full" if full else "small")
+        data = sweep.load_data(args, run.dataset, lambda msg: None)[0]
+        if data.source != run.data.get("source"):
+            log(f"WARNING: rebuilt {data.source}, but {run.path} was trained on "
+                f"{run.data.get('source')}")
+        return data
 
     return load
 
@@ -168,7 +178,7 @@ def _f(v, digits: int = 4) -> str:
 
 def _run_label(s: dict) -> str:
     name = s["model"].upper()
-    if s.get("variant"):
+    if s.get("variant") and s["variant"] != "EASE":  # an ablation variant
         name += f" [{s['variant']}]"
     elif s["model"] == "ease":
         name += "" if s["use_ucmi"] else " w/o UCMI"
@@ -178,9 +188,9 @@ def _run_label(s: dict) -> str:
 
 def analysis_markdown(s: dict) -> str:
     seeds = ", ".join(str(x) for x in s["seeds"])
-    epochs = ", ".join(f"{k}: {v}" for k, v in s["epochs"].items())
+    epochs = ", ".join(f"{v} (seed {k})" for k, v in s["epochs"].items())
     intro = (f"Run `{s['run']}`; {s['split']} split of `{s['data']['source']}` "
-             f"({s['n_samples']} samples); seeds {seeds} (honest checkpoints, epoch {epochs}); "
+             f"({s['n_samples']} samples); seeds {seeds} (honest checkpoints of epoch {epochs}); "
              "numbers pooled over the seeds' samples (per seed in analysis.json). Condition of "
              f"the completed input: **{s['condition']['label']}** (evaluation masks of the LNLN "
              "protocol, seed 1111).")

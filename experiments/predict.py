@@ -30,6 +30,8 @@ import numpy as np
 from ease_jax import diagnostics as D
 from experiments import sweep
 
+DEFAULT_RUN = "runs/mosi/ease"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -37,9 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Apply a trained run's honest checkpoint to a data split; writes one CSV row "
                     "per sample (prediction, observed missing fractions, gate / uncertainty or "
                     "completeness).")
-    p.add_argument("--run", required=True,
-                   help="a finished sweep run directory (results.json, seed_<s>/best)")
-    p.add_argument("--out", required=True, help="the CSV file to write")
+    p.add_argument("--run", default=DEFAULT_RUN,
+                   help="a finished sweep run directory (results.json, seed_<s>/best); default "
+                        f"{DEFAULT_RUN}, EASE of the default `python -m experiments.mosi_sweep`")
+    p.add_argument("--out", default=None,
+                   help="the CSV file to write (default DIR/predictions_<split>_<condition>.csv)")
     p.add_argument("--data", default=None,
                    help="MMSA pickle (default: the data the run was trained on)")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
@@ -88,7 +92,8 @@ def _main(args) -> dict:
     seed = run.seeds[0] if args.seed is None else args.seed
     if seed not in run.seeds:
         raise D.RunError(f"--seed {seed}: {run.path} has seeds {run.seeds}")
-    out = Path(args.out)
+    default = f"predictions_{args.split}_{args.condition.replace(':', '-')}.csv"
+    out = Path(args.out or Path(args.run) / default)
     if out.is_dir():
         raise D.RunError(f"--out {out} is a directory; give a file name such as predictions.csv")
     import jax

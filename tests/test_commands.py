@@ -1,5 +1,5 @@
 """End-to-end tests of `experiments.analyze` and `experiments.predict` (and `ease_jax.diagnostics`)
-on tiny runs: a 2-seed EASE run and a 1-seed LNLN run trained by the sweep on a tiny pickle; the
+on tiny runs: a 2-seed EASE run (one seed trained by the sweep on a tiny pickle) and an LNLN run; the
 commands' numbers are checked against an independent recomputation from one `model.apply` call
 per seed, and the clear errors (missing run, results.json or checkpoint, wrong model, missing
 pickle, bad condition) are checked by message."""
@@ -7,6 +7,8 @@ pickle, bad condition) are checked by message."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import pickle
 import re
@@ -35,6 +37,7 @@ from ease_jax.train import eval_arrays
 from experiments import analyze, predict, sweep
 
 from helpers import TINY_MODEL as TINY
+from helpers import random_model_params
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings("ignore:Corr is NaN:RuntimeWarning")
@@ -63,7 +66,12 @@ def _no_compilation_cache():
 
 @pytest.fixture(scope="module")
 def runs(tiny_pickle, tmp_path_factory):
-    """{"ease": 2-seed EASE run dir, "lnln": 1-seed LNLN run dir}, 2 epochs each, tiny model."""
+    """{"ease": EASE run dir, "lnln": LNLN run dir} on the tiny pickle with the tiny model.
+
+    EASE is trained by the sweep (seed 1111, 2 epochs); to keep the file fast (a sweep compiles
+    for ~40 s here) a second EASE seed (1112) and the LNLN run are written in the sweep's layout
+    by hand: random parameters saved with `checkpoint.save`, results.json derived from the real
+    one (same keys; model and seeds changed)."""
     root = tmp_path_factory.mktemp("runs")
     build_run = sweep.build_run
 
@@ -73,11 +81,24 @@ def runs(tiny_pickle, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sweep, "build_run", tiny_build_run)
-        for model, seeds in (("ease", EASE_SEEDS), ("lnln", (1111,))):
-            sweep.main("mosi", argv=[
-                "--data", str(tiny_pickle), "--epochs", "2", "--batch-size", "8",
-                "--text-encoder", "features", "--seeds", ",".join(map(str, seeds)),
-                "--out", str(root / model), "--no-progress", "--model", model])
+        sweep.main("mosi", argv=[
+            "--data", str(tiny_pickle), "--epochs", "2", "--batch-size", "8",
+            "--text-encoder", "features", "--seeds", "1111", "--out", str(root / "ease"),
+            "--no-progress", "--model", "ease"])
+    results = json.loads((root / "ease" / "results.json").read_text())
+    cfg = ModelConfig(**results["config"]["model"])
+    checkpoint.save(root / "ease" / "seed_1112" / "best", 0, random_model_params(cfg, 7),
+                    {"epoch": 0, "seed": 1112, "run": "seed_1112"})
+    results["seeds"]["1112"] = results["seeds"]["1111"]
+    (root / "ease" / "results.json").write_text(json.dumps(results))
+
+    lnln_cfg = replace(cfg, model="lnln")
+    lnln = dict(results, model="lnln", seeds={"1111": results["seeds"]["1111"]})
+    lnln["config"] = dict(results["config"], model=dataclasses.asdict(lnln_cfg))
+    (root / "lnln").mkdir()
+    (root / "lnln" / "results.json").write_text(json.dumps(lnln))
+    checkpoint.save(root / "lnln" / "seed_1111" / "best", 0, random_model_params(lnln_cfg, 3),
+                    {"epoch": 0, "seed": 1111, "run": "seed_1111"})
     return {"ease": root / "ease", "lnln": root / "lnln"}
 
 
@@ -87,6 +108,14 @@ def _reference(run_dir, seed):
     params, _ = checkpoint.restore(run_dir / f"seed_{seed}" / "best",
                                    init_params(cfg, jax.random.key(0)))
     return cfg, params
+
+
+@functools.cache
+def _apply(cfg):
+    """One jitted `model.apply` over a whole split (no batching): the reference forward pass."""
+    model = build_model(cfg)
+    return jax.jit(lambda params, inputs, clean: model.apply({"params": params}, inputs, clean,
+                                                             train=False))
 
 
 def _read_csv(path):
@@ -131,7 +160,7 @@ def test_predict_ease_matches_evaluator(runs, tiny_pickle, tmp_path, capsys):
     reference = Evaluator(cfg, test, "mosi").predict(params, keep)
     np.testing.assert_allclose(col["prediction"], reference, rtol=1e-6, atol=1e-6)
     inputs = apply_keep_masks(eval_arrays(test, cfg), keep, text_mode=cfg.text_encoder)
-    direct = build_model(cfg).apply({"params": params}, inputs, train=False)
+    direct = _apply(cfg)(params, inputs, None)
     for i, m in enumerate(D.MODALITIES):
         np.testing.assert_allclose(col[f"missing_{m}"], np.asarray(inputs["missing_rate"])[:, i],
                                    atol=1e-6)
@@ -185,10 +214,10 @@ def test_analyze_ease_matches_direct_recomputation(runs, tiny_pickle, tmp_path):
         cfg, params = _reference(runs["ease"], seed)
         arrays = eval_arrays(test, cfg)
         inputs = apply_keep_masks(arrays, keep, text_mode=cfg.text_encoder)
-        out_ = build_model(cfg).apply({"params": params}, inputs, arrays, train=False)
+        out_ = _apply(cfg)(params, inputs, arrays)
         full_in = apply_keep_masks(arrays, inter_modal_keep_masks(test, "lav"),
                                    text_mode=cfg.text_encoder)
-        full = np.asarray(build_model(cfg).apply({"params": params}, full_in, train=False)["pred"])
+        full = np.asarray(_apply(cfg)(params, full_in, None)["pred"])
         cons = prediction_consistency(full, np.asarray(out_["pred"]))
         for k in ("wasserstein", "pearson", "mae"):
             assert saved["consistency"]["per_seed"][str(seed)][k] == pytest.approx(cons[k],
@@ -273,3 +302,16 @@ def test_clear_errors(runs, tiny_pickle, tmp_path, capsys):
                         str(other), "--no-progress"])
     assert res["data"]["sha256_matches"] is False
     assert "WARNING" in capsys.readouterr().err
+
+
+def test_synthetic_data_is_rebuilt(tmp_path):
+    # A run trained on the sweep's synthetic fallback: its data is rebuilt, not read from a file.
+    run = D.RunInfo(path=tmp_path, layout="sweep", dataset="mosi", model="ease",
+                    model_cfg=ModelConfig(), loss={}, seeds=[1111], checkpoints={},
+                    data={"source": "synthetic:mosi(seed=0)", "sha256": None,
+                          "sizes": [sweep.SYNTHETIC[k] for k in ("n_train", "n_valid", "n_test")]})
+    data = analyze.synthetic_loader(run, print)()
+    assert data.source == "synthetic:mosi(seed=0)"
+    assert [data.train.n, data.valid.n, data.test.n] == run.data["sizes"]
+    with pytest.raises(D.RunError, match="pass --data"):
+        D.load_run_data(run)  # no synthetic loader given
