@@ -641,6 +641,7 @@ def test_ease_step_pmap_equals_shard_map(tiny, ease_runs):
         assert float(a["lr"]) == pytest.approx(1e-3, rel=1e-6)
 
 
+@pytest.mark.slow  # the fit loop's program: tests/test_population.py (1 vs 4 devices, 2 x 2 mesh)
 def test_step_does_not_depend_on_the_device_count_or_the_padding(tiny, ease_runs):
     """Masks, imputation noise and subset views are drawn per sample (keyed by its index in the
     split; section 2), so 3 steps on 4 devices with 1 padding row, on 1 device, and on 2 devices
