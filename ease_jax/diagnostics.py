@@ -43,6 +43,7 @@ from ease_jax.analysis import (
     standardized_residuals,
 )
 from ease_jax.config import ModelConfig
+from ease_jax.data.missing import MODALITIES
 
 __all__ = [
     "MODALITIES",
@@ -60,7 +61,6 @@ __all__ = [
     "restore_params",
 ]
 
-MODALITIES = ("text", "audio", "vision")
 # Outputs with a leading modality axis [3, B, ...]; every other output is [B, ...].
 _MODALITY_AXIS = ("gate", "uncertainty", "clean_tokens", "imp_mean", "imp_var", "imp_sample")
 _LETTERS = "lav"

@@ -231,6 +231,17 @@ def single_modality_table(dataset: str, agg: dict, proto: str) -> list[str]:
     return lines
 
 
+def write_outputs(out: Path, stem: str, results: dict, markdown: str, plot, log=print) -> None:
+    """A study command's files: `<stem>.json` (results), `<stem>.md` (markdown, also printed)
+    and `<stem>.png` (`plot(path)`), under `out`."""
+    out = Path(out)
+    write_json(out / f"{stem}.json", results)
+    (out / f"{stem}.md").write_text(markdown)
+    plot(out / f"{stem}.png")
+    log(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}")
+    print(markdown)
+
+
 def write_json(path: Path, obj) -> None:
     """`obj` as indented JSON (NaN allowed, as the metrics of a constant predictor need)."""
     Path(path).write_text(json.dumps(jsonable(obj), indent=1, allow_nan=True))

@@ -67,11 +67,8 @@ def main(argv=None) -> dict:
                              change=ABLATIONS[v])
                      for v, summary in summarize_groups(ds, groups, reference="EASE").items()},
     }
-    report.write_json(out / "ablation.json", results)
-    (out / "ablation.md").write_text(report.ablation_markdown(results, label))
-    report.plot_ablation(results, out / "ablation.png", label)
-    log(f"wrote {out / 'ablation.json'}, {out / 'ablation.md'}, {out / 'ablation.png'}")
-    print((out / "ablation.md").read_text())
+    report.write_outputs(out, "ablation", results, report.ablation_markdown(results, label),
+                         lambda path: report.plot_ablation(results, path, label), log)
     return results
 
 

@@ -77,11 +77,8 @@ def main(argv=None) -> dict:
                                        "synthetic": is_synthetic},
                "seeds": seeds, "config": run.to_dict(), "base_loss": LossConfig.preset("paper", ds),
                "values": args.value_list, "points": points, "settings": summary}
-    report.write_json(out / "sensitivity.json", results)
-    (out / "sensitivity.md").write_text(report.sensitivity_markdown(results, label))
-    report.plot_sensitivity(results, out / "sensitivity.png", label)
-    log(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.md'}, {out / 'sensitivity.png'}")
-    print((out / "sensitivity.md").read_text())
+    report.write_outputs(out, "sensitivity", results, report.sensitivity_markdown(results, label),
+                         lambda path: report.plot_sensitivity(results, path, label), log)
     return results
 
 
