@@ -51,11 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BertConfig", "BertModel", "load_bert", "tokenize"]
+from ease_jax.config import BERT_ACTIVATIONS, BertConfig
 
-# Layers per iteration of the layer scan (1: one layer compiled once; 0: all, a loop-free program
-# for FLOP counting).
-SCAN_UNROLL = 1
+__all__ = ["BertConfig", "BertModel", "load_bert", "tokenize"]
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -68,89 +66,6 @@ _ACTIVATIONS = {
 _INIT_STD = 0.02
 # Seed of the pooler drawn when a checkpoint has none (see `load_bert`).
 _POOLER_INIT_SEED = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """Hyper-parameters of a BERT encoder; the field names are those of Hugging Face `config.json`.
-
-    Defaults are bert-base-uncased. `hidden_act`: "gelu" (exact erf GELU, as BERT),
-    "gelu_new" / "gelu_pytorch_tanh" (tanh approximation) or "relu".
-    """
-
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    # Dropout of the checkpoint's config (0.1 for bert-base and MiniLM): after the embeddings and on
-    # both residual branches (hidden), on the attention probabilities (attention). Active only when
-    # BertModel runs with deterministic=False, as the papers' code fine-tunes BERT in train mode.
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-
-    def __post_init__(self):
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}"
-            )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def base_uncased(cls) -> BertConfig:
-        """bert-base-uncased: 12 layers, 768 wide, 12 heads, vocabulary 30522 (109,482,240 params)."""
-        return cls()
-
-    @classmethod
-    def base_chinese(cls) -> BertConfig:
-        """bert-base-chinese: as bert-base-uncased with vocabulary 21128 (102,267,648 params)."""
-        return cls(vocab_size=21128)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> BertConfig:
-        """Reads the fields of this class from a Hugging Face config dict; other keys are ignored.
-
-        Missing fields take the bert-base-uncased defaults (as Hugging Face's BertConfig does).
-        Raises ValueError, naming `source`, for a `model_type` other than "bert" or a
-        `position_embedding_type` other than "absolute" (relative position variants are not built).
-        """
-        model_type = d.get("model_type")
-        if model_type is not None and model_type != "bert":
-            raise ValueError(f"{source}: model_type is {model_type!r}, expected 'bert'")
-        position_type = d.get("position_embedding_type", "absolute")
-        if position_type != "absolute":
-            raise ValueError(
-                f"{source}: position_embedding_type {position_type!r} is not supported "
-                "(only 'absolute')"
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in fields})
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> BertConfig:
-        """Reads a Hugging Face `config.json` (see `from_dict`)."""
-        path = Path(path)
-        with path.open() as f:
-            return cls.from_dict(json.load(f), source=str(path))
 
 
 def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
@@ -175,6 +90,9 @@ class BertEmbeddings(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    # Layers per iteration of the layer scan: 1 = one layer compiled once; 0 = all of them (a
+    # program without loops, whose XLA cost analysis counts every layer's FLOPs).
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
@@ -209,6 +127,9 @@ class BertSelfAttention(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    # Layers per iteration of the layer scan: 1 = one layer compiled once; 0 = all of them (a
+    # program without loops, whose XLA cost analysis counts every layer's FLOPs).
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool = True):
@@ -237,6 +158,9 @@ class BertLayer(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    # Layers per iteration of the layer scan: 1 = one layer compiled once; 0 = all of them (a
+    # program without loops, whose XLA cost analysis counts every layer's FLOPs).
+    scan_unroll: int = 1
     deterministic: bool = True
 
     @nn.compact
@@ -277,6 +201,9 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    # Layers per iteration of the layer scan: 1 = one layer compiled once; 0 = all of them (a
+    # program without loops, whose XLA cost analysis counts every layer's FLOPs).
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(
@@ -333,7 +260,7 @@ class BertModel(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast,
             length=c.num_hidden_layers,
-            unroll=SCAN_UNROLL or c.num_hidden_layers,
+            unroll=self.scan_unroll or c.num_hidden_layers,
         )
         x, _ = layers(c, self.dtype, deterministic, name="layers")(x, mask_bias)
         # The pooler always runs so that its parameters always exist (as in the checkpoints);

@@ -10,9 +10,8 @@ seed `seed_<s>/best` (the honest protocol's parameters). An ablation's output di
 * `load_run` / `load_run_data` / `restore_params`: the run, its data (the training pickle, a
   rebuilt synthetic set or another pickle; the sha256 is checked) and one seed's parameters.
   Every problem is a `RunError` whose message names the path.
-* `parse_condition` / `condition_keep`: "0.5" (missing rate, `MaskBank.get("rate", 0.5)`), "la"
-  (kept modalities, `MaskBank.get("subset", "la")`), "burst:0.5", or "none" (the inputs as given).
-* `Forward`: the jitted evaluation forward pass over fixed-size batches (the last one padded) that
+* Conditions are `evaluate`'s (`parse_condition`, `MaskBank.keep`).
+* `Forward`: a host batcher over `train.forward` (fixed-size batches, the last one padded) that
   keeps the model's diagnostic outputs (gate, uncertainty, completeness, UCMI Gaussian, clean
   tokens, the full-input prediction), compiled once per run.
 * `prediction_table`: one row per sample (prediction, observed missing fractions, diagnostics).
@@ -42,8 +41,9 @@ from ease_jax.analysis import (
     prediction_consistency,
     standardized_residuals,
 )
-from ease_jax.config import ModelConfig
+from ease_jax.config import BertConfig, ModelConfig
 from ease_jax.data.missing import MODALITIES
+from ease_jax.evaluate import MaskBank, condition_json
 
 __all__ = [
     "MODALITIES",
@@ -51,90 +51,21 @@ __all__ = [
     "RunError",
     "RunInfo",
     "analyze_run",
-    "condition_keep",
-    "condition_label",
     "has_ucmi",
     "load_run",
     "load_run_data",
-    "parse_condition",
     "prediction_table",
     "restore_params",
 ]
 
 # Outputs with a leading modality axis [3, B, ...]; every other output is [B, ...].
 _MODALITY_AXIS = ("gate", "uncertainty", "clean_tokens", "imp_mean", "imp_var", "imp_sample")
-_LETTERS = "lav"
 ELASTIC_BINS = 10  # percentile-rank bins of the binned elastic / rigid curves in the JSON
 
 
 class RunError(ValueError):
     """A run directory, checkpoint, data file or condition that cannot be used; the message
     names the path (the commands turn it into a SystemExit)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditions
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_condition(text: str | None, *, allow_none: bool = True):
-    """`--condition` text -> (kind, value) for `MaskBank.get`, or None for "none".
-
-    "0.5" -> ("rate", 0.5) (a missing rate in [0, 1]); "la" / "l" / "av" -> ("subset", "la")
-    (the kept modalities, letters from l, a, v in that order); "burst:0.5" -> ("burst", 0.5);
-    "none" -> None (the inputs as given, no extra masking; only when `allow_none`).
-    """
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if t in ("none", "full"):
-        if not allow_none:
-            raise RunError("condition: 'none' is not allowed here (give a missing rate such as "
-                           "0.5 or a kept-modality subset such as la)")
-        return None
-    kind, value = "rate", t
-    if t.startswith("burst:"):
-        kind, value = "burst", t[len("burst:"):]
-    try:
-        rate = float(value)
-    except ValueError:
-        rate = None
-    if rate is not None:
-        if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
-            raise RunError(f"condition: a missing rate must be in [0, 1], got {text!r}")
-        return kind, rate
-    if kind == "burst" or not t or any(c not in _LETTERS for c in t) or len(set(t)) != len(t):
-        raise RunError(f"condition: expected a missing rate in [0, 1] (e.g. 0.5), burst:<rate>, "
-                       f"a kept-modality subset from the letters l, a, v (e.g. la, l, av) or "
-                       f"none; got {text!r}")
-    return "subset", "".join(c for c in _LETTERS if c in t)
-
-
-def condition_label(condition) -> str:
-    """Human-readable condition: "r = 0.5", "kept {l,a}", "burst r = 0.5", "none (inputs as
-    given)"."""
-    if condition is None:
-        return "none (inputs as given)"
-    kind, value = condition
-    if kind == "rate":
-        return f"r = {value:g}"
-    if kind == "burst":
-        return f"burst r = {value:g}"
-    return "kept {" + ",".join(value) + "}"
-
-
-def condition_json(condition) -> dict:
-    if condition is None:
-        return {"kind": "none", "value": None, "label": condition_label(None)}
-    return {"kind": condition[0], "value": condition[1], "label": condition_label(condition)}
-
-
-def condition_keep(masks, condition) -> dict:
-    """The keep masks of `condition` from a `MaskBank`; None = every valid position kept (the
-    observed full input: `MaskBank.get("subset", "lav")`)."""
-    if condition is None:
-        return masks.get("subset", "lav")
-    return masks.get(*condition)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +127,6 @@ def model_config_from_dict(d: Any, source: str) -> ModelConfig:
         raise RunError(f"{source}: config.model has fields this version does not know: {unknown}")
     try:
         if isinstance(d.get("bert"), dict):
-            from ease_jax.bert import BertConfig
-
             d["bert"] = BertConfig(**d["bert"])
         return ModelConfig(**d)
     except (TypeError, ValueError) as e:
@@ -272,34 +201,38 @@ def _sweep_run(p: Path, results_path: Path) -> RunInfo:
 
 
 def _ablation_run(p: Path, ablation_path: Path, variant: str) -> RunInfo:
-    from ease_jax.studies import ABLATIONS, slug
-
+    """One variant of an ablation directory: ablation.json records each variant's changes to the
+    model and loss configs ("change") and its run directories ("runs", one per seed)."""
     res = _read_json(ablation_path)
     variants = res.get("variants") or {}
     if variant not in variants:
         raise RunError(f"{ablation_path}: no variant {variant!r}; it holds {list(variants)}")
-    if variant not in ABLATIONS:
-        raise RunError(f"{ablation_path}: unknown variant {variant!r}")
+    entry = variants[variant]
+    try:
+        model_changes, loss_changes = entry["change"]
+        run_names = list(entry["runs"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{ablation_path}: variant {variant!r} lacks its change / runs "
+                       f"records ({e})") from e
     cfg = res.get("config") or {}
-    mcfg = model_config_from_dict(cfg.get("model"), str(ablation_path))
-    model_changes, loss_changes = ABLATIONS[variant]
-    mcfg = dataclasses.replace(mcfg, **model_changes)
+    mcfg = model_config_from_dict(dict(cfg.get("model") or {}, **model_changes),
+                                  str(ablation_path))
     seeds = [int(s) for s in res.get("seeds", [])]
-    if not seeds:
-        raise RunError(f"{ablation_path}: no seeds")
+    if not seeds or len(seeds) != len(run_names):
+        raise RunError(f"{ablation_path}: expected one run per seed, got seeds {seeds} and "
+                       f"runs {run_names}")
     loss = dict(cfg.get("loss") or {}, **loss_changes)
     return RunInfo(path=p, layout="ablation", dataset=res.get("dataset", "mosi"),
                    model=mcfg.model, model_cfg=mcfg, loss=loss, data=dict(res.get("data") or {}),
                    seeds=seeds,
-                   checkpoints={s: p / f"{slug(variant)}_seed_{s}" / "best" for s in seeds},
+                   checkpoints={s: p / name / "best" for s, name in zip(seeds, run_names)},
                    variant=variant, results=res)
 
 
-def load_run_data(run: RunInfo, data_path: str | Path | None = None, *,
-                  synthetic: Callable[[], Any] | None = None, log: Callable = print):
+def load_run_data(run: RunInfo, data_path: str | Path | None = None, *, log: Callable = print):
     """The data to apply `run` to: `data_path` (an MMSA pickle) when given, else the data the run
-    was trained on (results.json `data.source`: a pickle path, or "synthetic:..." rebuilt by the
-    `synthetic` callable, which the commands bind to the sweep's own synthetic recipe).
+    was trained on (results.json `data.source`: a pickle path, or "synthetic:<dataset>(seed=0)" /
+    "...(seed=0,full)", rebuilt with `data.synthetic.synthetic_data`).
 
     The sha256 is compared with the run's (results.json `data.sha256`, when not None) and a
     difference is logged loudly; the data's shapes must fit the model (RunError otherwise).
@@ -320,9 +253,10 @@ def load_run_data(run: RunInfo, data_path: str | Path | None = None, *,
     elif trained_src is None:
         raise RunError(f"{run.path}: results.json has no data.source; pass --data PKL")
     elif str(trained_src).startswith("synthetic:"):
-        if synthetic is None:
-            raise RunError(f"{run.path} was trained on {trained_src}; pass --data PKL")
-        data = synthetic()
+        from ease_jax.data.synthetic import synthetic_data
+
+        size = "full" if str(trained_src).endswith(",full)") else "small"
+        data = synthetic_data(run.dataset, size)
         is_synthetic = True
     else:
         pkl = Path(trained_src)
@@ -412,75 +346,49 @@ def restore_params(run: RunInfo, seed: int) -> tuple[Any, dict]:
 
 
 class Forward:
-    """The jitted evaluation forward pass of one model config over a split, keeping diagnostics.
+    """A host batcher over `train.forward`, the one evaluation forward pass, for one model config.
 
     `Forward(cfg, n, clean=..., full=...)(params, split, keep, keep_full)` -> dict of host arrays
-    over the split's N samples: "pred" [N] and "missing_rate" [N, 3] (the observed dropped
-    fraction per modality) always; EASE with UCMI: "gate", "uncertainty" [3, N]; with `clean`
-    also "clean_tokens", "imp_mean", "imp_var", "imp_sample" [3, N, K, d] (the clean inputs
-    encoded beside the incomplete ones); LNLN: "completeness" [N]; with `full` also "pred_full"
-    [N], the prediction from the observed full input (`keep_full`). Batches of
-    min(batch_size, N) rows, the last one padded (padding dropped), so the program compiles
-    once; batch i draws imputation noise (only with `sample_at_eval`) from
-    fold_in(key(0), i), as `evaluate.Evaluator` does, so "pred" equals its predictions.
+    over the split's N samples: "pred" [N] and "missing_rate" [N, 3] always; EASE with UCMI:
+    "gate", "uncertainty" [3, N]; with `clean` also "clean_tokens", "imp_mean", "imp_var",
+    "imp_sample" [3, N, K, d]; LNLN: "completeness" [N]; with `full` also "pred_full" [N], the
+    prediction under `keep_full`. Batches of min(batch_size, N) rows, the last one padded (padding
+    dropped), so the program compiles once; batch i draws imputation noise (only with
+    `sample_at_eval`) from `train.eval_noise_key(i)`.
     """
 
     def __init__(self, cfg: ModelConfig, n: int, *, batch_size: int = 256, clean: bool = False,
                  full: bool = False):
         import jax
 
-        from ease_jax.data.missing import apply_keep_masks
-        from ease_jax.models import build_model
+        from ease_jax.train import forward
 
         self.cfg = cfg
         self.batch_size = max(1, min(int(batch_size), int(n)))
         self.clean = bool(clean) and has_ucmi(cfg)
         self.full = bool(full)
-        model = build_model(cfg)
-        ucmi = has_ucmi(cfg)
-
-        def forward(params, batch, keep, keep_full, rng):
-            inputs = apply_keep_masks(batch, keep, text_mode=cfg.text_encoder)
-            rngs = {"noise": rng} if cfg.sample_at_eval else {}
-            out = model.apply({"params": params}, inputs, batch if self.clean else None,
-                              train=False, rngs=rngs)
-            res = {"pred": out["pred"], "missing_rate": inputs["missing_rate"]}
-            if ucmi:
-                res.update(gate=out["gate"], uncertainty=out["uncertainty"])
-                if self.clean:
-                    res.update({k: out[k] for k in ("clean_tokens", "imp_mean", "imp_var",
-                                                    "imp_sample")})
-            if cfg.model == "lnln":
-                res["completeness"] = out["completeness"]
-            if self.full:
-                full_inputs = apply_keep_masks(batch, keep_full, text_mode=cfg.text_encoder)
-                res["pred_full"] = model.apply({"params": params}, full_inputs, train=False,
-                                               rngs=rngs)["pred"]
-            return res
-
-        self._forward = jax.jit(forward)
+        self._forward = jax.jit(functools.partial(forward, cfg, clean=self.clean))
 
     def __call__(self, params, split, keep: dict, keep_full: dict | None = None, *,
                  progress: bool = False, desc: str = "forward") -> dict[str, np.ndarray]:
         import jax
         from tqdm.auto import tqdm
 
-        from ease_jax.train import eval_arrays
+        from ease_jax.train import eval_noise_key
 
         if self.full and keep_full is None:
             raise ValueError("keep_full: this Forward computes the full-input prediction too")
-        arrays = eval_arrays(split, self.cfg)
+        arrays = split.model_arrays(self.cfg.text_encoder, labels=False)
         params = jax.device_put(params)  # once, not with every batch
         n, bs = split.n, self.batch_size
-        rng = jax.random.key(0)
         chunks: list[dict] = []
         for i in tqdm(range(math.ceil(n / bs)), desc=desc, unit="batch", disable=not progress,
                       leave=False):
             sl = slice(i * bs, min((i + 1) * bs, n))
             batch = {k: _pad(v[sl], bs) for k, v in arrays.items()}
             kb = {k: _pad(v[sl], bs) for k, v in keep.items()}
-            kf = {k: _pad(v[sl], bs) for k, v in (keep_full or keep).items()}
-            out = self._forward(params, batch, kb, kf, jax.random.fold_in(rng, i))
+            kf = {k: _pad(v[sl], bs) for k, v in keep_full.items()} if self.full else None
+            out = self._forward(params, batch, kb, eval_noise_key(i), full_keep=kf)
             chunks.append({k: np.asarray(v) for k, v in jax.device_get(out).items()})
         res = {}
         for k in chunks[0]:
@@ -509,11 +417,9 @@ def prediction_table(run: RunInfo, params, split, condition, *, batch_size: int 
     fraction of valid positions dropped, the model's r_m), and the model's diagnostics: EASE with
     UCMI "gate_<m>" (w * (1 - r_m)) and "uncertainty_<m>" (mean imputation variance); LNLN
     "completeness" (w). EASE without UCMI has no diagnostics."""
-    from ease_jax.evaluate import MaskBank
-
     masks = masks or MaskBank(split)
     fwd = Forward(run.model_cfg, split.n, batch_size=batch_size)
-    out = fwd(params, split, condition_keep(masks, condition), progress=progress,
+    out = fwd(params, split, masks.keep(condition), progress=progress,
               desc=f"predict {split.name}")
     cols: dict[str, np.ndarray] = {"id": np.asarray(split.ids), "label": split.labels,
                                    "prediction": out["pred"]}
@@ -598,15 +504,12 @@ def analyze_run(run: RunInfo, data, *, split: str = "test", condition=("rate", 0
     """
     from tqdm.auto import tqdm
 
-    from ease_jax.evaluate import MaskBank
-
     t0 = time.perf_counter()
     sp = data.split(split)
     alpha = run.alpha if alpha is None else float(alpha)
     ucmi = has_ucmi(run.model_cfg)
     masks = MaskBank(sp)
-    keep = condition_keep(masks, condition)
-    keep_full = condition_keep(masks, None)
+    keep, keep_full = masks.keep(condition), masks.keep(None)
     fwd = Forward(run.model_cfg, sp.n, batch_size=batch_size, clean=ucmi, full=True)
     seeds = list(run.seeds if seeds is None else seeds)
     per_seed: dict[str, dict] = {}
@@ -641,7 +544,7 @@ def analyze_run(run: RunInfo, data, *, split: str = "test", condition=("rate", 0
         "condition": condition_json(condition), "seeds": seeds, "alpha": alpha,
         "use_ucmi": ucmi,
         "use_mipc": (run.model == "ease" and run.model_cfg.n_views > 0
-                     and bool(run.loss.get("use_mipc", True))),
+                     and (run.loss.get("cons", 1.0), run.loss.get("asym", 1.0)) != (0.0, 0.0)),
         "analyses": ["calibration", "elastic", "consistency"] if ucmi else ["consistency"],
         "consistency": {"pooled": prediction_consistency(full_all, comp_all),
                         "per_seed": {s: e["consistency"] for s, e in per_seed.items()}},

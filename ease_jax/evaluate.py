@@ -1,21 +1,21 @@
-"""Robust evaluation (PROTOCOL.md sections 2-4): missing rates, modality subsets, burst masks,
-the two checkpoint-selection protocols, and aggregation over seeds.
+"""Robust evaluation (docs/protocol.md sections 2-4): the evaluation conditions (missing rates,
+kept-modality subsets, bursts) in one vocabulary, their masks, the two checkpoint-selection
+protocols, and aggregation over seeds. Host-side numbers only: the forward pass is
+`train.forward`.
 
-Evaluation masks are NumPy, bit-exact with the reference protocol, computed once per split and
-condition (`MaskBank`) and shared by every model and seed; the forward pass is jitted over
-fixed-size batches (the last partial batch is padded and its padding dropped) and deterministic
-(imputation = mean) unless the model config asks for sampling.
+A condition is `(kind, value)`: ("rate", 0.5), ("subset", "la") (the kept modalities), ("burst",
+0.5); None is the inputs as given (every valid position kept). `condition_name` gives its key in
+results.json ("0.5", "la", "burst:0.5"), `parse_condition` reads the command-line form,
+`condition_label` the human one. Evaluation masks are NumPy, bit-exact with the reference
+protocol, computed once per split and condition (`MaskBank`) and shared by every model and seed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 
-import jax
 import numpy as np
 
-from ease_jax.config import ModelConfig
 from ease_jax.data.missing import (
     INTER_MODAL_SUBSETS,
     apply_keep_masks,
@@ -25,10 +25,8 @@ from ease_jax.data.missing import (
 )
 from ease_jax.data.mmsa import Split
 from ease_jax.metrics import LOWER_IS_BETTER, regression_metrics
-from ease_jax.models import build_model
-from ease_jax.train import eval_arrays
 
-RATES = tuple(round(0.1 * i, 1) for i in range(10))
+RATES = tuple(round(0.1 * i, 1) for i in range(10))  # the protocol's missing rates (section 2)
 
 # Paper protocol (section 4): one checkpoint per selection metric; F1 comes with its accuracy.
 PAPER_SELECTION = {
@@ -47,6 +45,60 @@ SELECTION_DECIMALS = 4  # the released `metricsTop` rounds every metric before `
 def condition_name(kind: str, value) -> str:
     """Stable string keys: rate conditions "0.5", subsets "la", bursts "burst:0.5"."""
     return f"{value:.1f}" if kind == "rate" else (value if kind == "subset" else f"burst:{value:.1f}")
+
+
+_LETTERS = "lav"
+
+
+def parse_condition(text: str | None, *, allow_none: bool = True):
+    """Command-line condition -> (kind, value), or None for "none" (the inputs as given).
+
+    "0.5" -> ("rate", 0.5) (a missing rate in [0, 1]); "la" / "l" / "av" -> ("subset", "la")
+    (the kept modalities, letters from l, a, v, put in that order); "burst:0.5" -> ("burst", 0.5);
+    "none" -> None (only when `allow_none`). Raises ValueError naming the text otherwise.
+    """
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    if t in ("none", "full"):
+        if not allow_none:
+            raise ValueError("condition: 'none' is not allowed here (give a missing rate such as "
+                             "0.5 or a kept-modality subset such as la)")
+        return None
+    kind, value = ("burst", t[len("burst:"):]) if t.startswith("burst:") else ("rate", t)
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = None
+    if rate is not None:
+        if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
+            raise ValueError(f"condition: a missing rate must be in [0, 1], got {text!r}")
+        return kind, rate
+    if kind == "burst" or not t or any(c not in _LETTERS for c in t) or len(set(t)) != len(t):
+        raise ValueError(f"condition: expected a missing rate in [0, 1] (e.g. 0.5), "
+                         f"burst:<rate>, a kept-modality subset from the letters l, a, v (e.g. "
+                         f"la, l, av) or none; got {text!r}")
+    return "subset", "".join(c for c in _LETTERS if c in t)
+
+
+def condition_label(condition) -> str:
+    """Human-readable condition: "r = 0.5", "kept {l,a}", "burst r = 0.5", "none (inputs as
+    given)"."""
+    if condition is None:
+        return "none (inputs as given)"
+    kind, value = condition
+    if kind == "rate":
+        return f"r = {value:g}"
+    if kind == "burst":
+        return f"burst r = {value:g}"
+    return "kept {" + ",".join(value) + "}"
+
+
+def condition_json(condition) -> dict:
+    """{"kind", "value", "label"} of a condition (None: kind "none")."""
+    if condition is None:
+        return {"kind": "none", "value": None, "label": condition_label(None)}
+    return {"kind": condition[0], "value": condition[1], "label": condition_label(condition)}
 
 
 class MaskBank:
@@ -70,65 +122,10 @@ class MaskBank:
                 raise ValueError(f"unknown evaluation condition kind {kind!r}")
         return self._cache[key]
 
-
-def make_predict_fn(model_cfg: ModelConfig) -> Callable:
-    """jitted `(params, batch, keep, rng) -> pred [B]`: masks applied on device, then the model
-    in evaluation mode. `rng` is only used when `model_cfg.sample_at_eval` is set."""
-    model = build_model(model_cfg)
-
-    @jax.jit
-    def predict(params, batch, keep, rng):
-        inputs = apply_keep_masks(batch, keep, text_mode=model_cfg.text_encoder)
-        rngs = {"noise": rng} if model_cfg.sample_at_eval else {}
-        return model.apply({"params": params}, inputs, train=False, rngs=rngs)["pred"]
-
-    return predict
-
-
-class Evaluator:
-    """Predictions and metrics of one model config on one split under named conditions."""
-
-    def __init__(self, model_cfg: ModelConfig, split: Split, dataset: str, *,
-                 batch_size: int = 256, seed: int = 1111, masks: MaskBank | None = None):
-        self.model_cfg, self.split, self.dataset = model_cfg, split, dataset
-        self.batch_size = min(batch_size, split.n)
-        self.masks = masks or MaskBank(split, seed=seed)
-        self._predict = make_predict_fn(model_cfg)
-        self._arrays = eval_arrays(split, model_cfg)
-
-    def predict(self, params, keep: dict, rng=None) -> np.ndarray:
-        """Predictions [N] for the split under `keep` masks (host arrays)."""
-        n, bs = self.split.n, self.batch_size
-        rng = jax.random.key(0) if rng is None else rng
-        preds = []
-        for i in range(math.ceil(n / bs)):
-            sl = slice(i * bs, min((i + 1) * bs, n))
-            batch = {k: _pad(v[sl], bs) for k, v in self._arrays.items()}
-            kb = {k: _pad(v[sl], bs) for k, v in keep.items()}
-            preds.append(self._predict(params, batch, kb, jax.random.fold_in(rng, i)))
-        out = np.concatenate([np.asarray(p) for p in jax.device_get(preds)])[:n]
-        return out
-
-    def metrics(self, params, kind: str = "rate", value=0.0) -> dict:
-        preds = self.predict(params, self.masks.get(kind, value))
-        return regression_metrics(preds, self.split.labels, self.dataset)
-
-    def protocol(self, params, *, rates: Iterable[float] = RATES, subsets=INTER_MODAL_SUBSETS,
-                 burst_rates: Iterable[float] = ()) -> dict:
-        """The full robustness protocol of one checkpoint:
-        {"per_rate": {"0.0": metrics, ...}, "inter_modal": {"l": metrics, ...}, "burst": {...}}."""
-        return {
-            "per_rate": {condition_name("rate", r): self.metrics(params, "rate", r) for r in rates},
-            "inter_modal": {s: self.metrics(params, "subset", s) for s in subsets},
-            "burst": {condition_name("rate", r): self.metrics(params, "burst", r)
-                      for r in burst_rates},
-        }
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[0] == size:
-        return x
-    return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
+    def keep(self, condition) -> dict:
+        """The keep masks of a condition `(kind, value)`; None = every valid position kept (the
+        observed full input, the masks of the kept subset "lav")."""
+        return self.get("subset", "lav") if condition is None else self.get(*condition)
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
@@ -228,9 +225,24 @@ def _mean_std(rows: list[dict]) -> dict:
                 "std": float(np.std([r[m] for r in rows]))} for m in rows[0]}
 
 
-def host_params(params):
-    """Parameters as host NumPy arrays (for keeping a copy without holding device memory).
-    `np.array` copies: on CPU `device_get` returns views of the device buffers, which would pin
-    them (and defeat donation)."""
-    return jax.tree_util.tree_map(np.array, jax.device_get(params))
+def constant_baseline(train_labels: np.ndarray, test_labels: np.ndarray, dataset: str) -> dict:
+    """The metrics of predicting the median training label for every test sample (what a model
+    that learned nothing scores), plus that "value"."""
+    median = float(np.median(train_labels))
+    constant = regression_metrics(np.full(len(test_labels), median), test_labels, dataset)
+    return constant | {"value": median}
 
+
+def compare_models(per_model: dict) -> dict:
+    """Side-by-side view of several models' results on the same data: per protocol, each model's
+    per-rate test metrics, 10-rate mean, inter-modal rows and mean, and the constant baseline."""
+    first = next(iter(per_model.values()))
+    out = {"dataset": first["dataset"], "data": first["data"],
+           "baselines": first["baselines"], "protocols": {}}
+    for proto in ("honest", "paper"):
+        out["protocols"][proto] = {
+            model: {key: res["protocols"][proto].get(key, {}) for key in
+                    ("per_rate", "mean_over_rates", "inter_modal", "mean_over_subsets")}
+            for model, res in per_model.items()}
+    out["seeds"] = {model: list(res["seeds"]) for model, res in per_model.items()}
+    return out

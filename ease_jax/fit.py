@@ -38,7 +38,6 @@ from ease_jax.population import (
     program_key,
     unstack,
 )
-from ease_jax.train import eval_arrays, model_arrays
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,14 +63,15 @@ def _concat(a: dict, b: dict) -> dict:
 def protocol_results(prog: PopulationProgram, split, dataset: str, params_list: list,
                      masks: MaskBank, *, rates=RATES, subsets=INTER_MODAL_SUBSETS,
                      burst_rates=()) -> list[dict]:
-    """The full robustness protocol (`Evaluator.protocol`'s layout) of each parameter set in
+    """The full robustness protocol ({"per_rate": {"0.0": metrics, ...}, "inter_modal": {"l":
+    metrics, ...}, "burst": {...}}) of each parameter set in
     `params_list` on `split`: every condition is one `predict` call over a group of up to
     `prog.n_runs` parameter sets (the last group padded, so every group shares one program)."""
     conditions = ([("per_rate", "rate", r) for r in rates]
                   + [("inter_modal", "subset", s) for s in subsets]
                   + [("burst", "burst", r) for r in burst_rates])
     group = max(prog.n_runs, 1)
-    rows = prog.put_rows(eval_arrays(split, prog.model_cfg), group)
+    rows = prog.put_rows(split.model_arrays(prog.model_cfg.text_encoder, labels=False), group)
     out = [{"per_rate": {}, "inter_modal": {}, "burst": {}} for _ in params_list]
     for start in range(0, len(params_list), group):
         members = params_list[start : start + group]
@@ -100,6 +100,11 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     vmapped together per device (default: all on an accelerator, one at a time on a CPU;
     `population.default_run_batch`).
 
+    The loop's steps (`_PopulationFit`): `start` (program, state, or the resumed checkpoint), per
+    epoch `train` (one device call for every run), `select` (valid + test at r = eval_rate, both
+    protocols, the log line), `keep_selected` (newly selected parameters to host memory) and
+    `save` (at most every `checkpoint_seconds` and after the last epoch), then `final_protocol`.
+
     Returns one record per run: {"epoch", "selected": {criterion: protocol results + epoch},
     "selection", "history": [one summary per epoch], "seconds": {"train", "eval", "host",
     "protocol"} (the run's share: the population's seconds / P), "population": the labels of the
@@ -107,121 +112,195 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     """
     from tqdm.auto import tqdm
 
-    mcfg, tcfg = run_cfg.model, run_cfg.train
-    runs, run_dirs = list(runs), [Path(d) for d in run_dirs]
-    if len(run_dirs) != len(runs):
-        raise ValueError(f"{len(runs)} runs but {len(run_dirs)} run directories")
-    labels = [r.label for r in runs]
-    n_runs = len(runs)
-    prog = get_program(mcfg, run_cfg.loss, tcfg, data.train.n, n_runs, parallel=parallel,
-                       devices=devices, run_devices=run_devices, run_batch=run_batch)
-    host_state = init_population(mcfg, tcfg, run_cfg.loss, runs, prog.steps, params)
-    selectors = [Selector(run_cfg.dataset) for _ in runs]
-    records = [{"epoch": -1, "history": [],
-                "seconds": {"train": 0.0, "eval": 0.0, "host": 0.0}} for _ in runs]
-    latest = Path(state_dir) / "latest"
-    if resume and checkpoint.latest_step(latest) is not None:
-        host_state, saved = checkpoint.restore(latest, host_state)
-        if saved.get("runs") != labels:
-            raise ValueError(f"{latest} holds the runs {saved.get('runs')}, not {labels}: resume "
-                             "with the same runs (and --population) as the interrupted job")
-        records = saved["records"]
-        for sel, rec, d in zip(selectors, records, run_dirs):
+    fit = _PopulationFit(run_cfg, data, runs, run_dirs, state_dir, log=log,
+                         checkpoint_seconds=checkpoint_seconds)
+    first = fit.start(params, resume, parallel=parallel, devices=devices,
+                      run_devices=run_devices, run_batch=run_batch)
+    epochs = run_cfg.train.epochs
+    desc = f"{run_cfg.model.model} {fit.labels[0]}" + (
+        f" +{len(fit.runs) - 1} runs" if len(fit.runs) > 1 else "")
+    bar = tqdm(range(first, epochs), desc=desc, unit="epoch", disable=not progress,
+               initial=first, total=epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        metrics, preds, t1 = fit.train(epoch)
+        t2 = time.perf_counter()
+        improved = fit.select(epoch, metrics, preds, train_s=t1 - t0, eval_s=t2 - t1)
+        fit.keep_selected(epoch, improved)
+        if epoch == epochs - 1 or time.perf_counter() - fit.last_save >= checkpoint_seconds:
+            fit.save(epoch)
+        fit.add_seconds(train_s=t1 - t0, eval_s=t2 - t1, host_s=time.perf_counter() - t2)
+        bar.set_postfix(loss=f"{np.mean(metrics['total']):.3f}",
+                        val_mae=f"{fit.records[0]['history'][-1]['valid']['MAE']:.3f}")
+    return fit.final_protocol(protocol, burst_rates)
+
+
+class _PopulationFit:
+    """The state of one `fit_population` call and its named steps (see there)."""
+
+    def __init__(self, run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequence,
+                 state_dir, *, log, checkpoint_seconds: float):
+        self.run_cfg, self.data, self.log = run_cfg, data, log
+        self.runs, self.run_dirs = list(runs), [Path(d) for d in run_dirs]
+        if len(self.run_dirs) != len(self.runs):
+            raise ValueError(f"{len(self.runs)} runs but {len(self.run_dirs)} run directories")
+        self.labels = [r.label for r in self.runs]
+        self.latest = Path(state_dir) / "latest"
+        self.selectors = [Selector(run_cfg.dataset) for _ in self.runs]
+        self.records = [{"epoch": -1, "history": [],
+                         "seconds": {"train": 0.0, "eval": 0.0, "host": 0.0}} for _ in self.runs]
+        self.pending: list[dict] = [{} for _ in self.runs]  # selected parameters not yet on disk
+        self.last_save = time.perf_counter()
+
+    def start(self, params, resume: bool, **program) -> int:
+        """Compile (or reuse) the program, build or restore the state, place everything on the
+        devices; returns the first epoch to train."""
+        mcfg, tcfg, data = self.run_cfg.model, self.run_cfg.train, self.data
+        n_runs = len(self.runs)
+        self.prog = get_program(mcfg, self.run_cfg.loss, tcfg, data.train.n, n_runs, **program)
+        host_state = init_population(mcfg, tcfg, self.run_cfg.loss, self.runs, self.prog.steps,
+                                     params)
+        if resume and checkpoint.latest_step(self.latest) is not None:
+            host_state = self._restore(host_state)
+        else:
+            self._clear_stale()
+        self.dev_state = self.prog.put_state(host_state)
+        self.dev_train = self.prog.put_train(data.train.model_arrays(mcfg.text_encoder))
+        self.masks = {s: MaskBank(getattr(data, s)) for s in ("valid", "test")}
+        mode = mcfg.text_encoder
+        self.sel_rows = self.prog.put_rows(_concat(
+            data.valid.model_arrays(mode, labels=False),
+            data.test.model_arrays(mode, labels=False)), n_runs)
+        self.sel_keep = self.prog.put_rows(_concat(
+            self.masks["valid"].get("rate", tcfg.eval_rate),
+            self.masks["test"].get("rate", tcfg.eval_rate)), n_runs)
+        self.last_save = time.perf_counter()
+        return self.records[0]["epoch"] + 1
+
+    def _restore(self, host_state):
+        host_state, saved = checkpoint.restore(self.latest, host_state)
+        if saved.get("runs") != self.labels:
+            raise ValueError(f"{self.latest} holds the runs {saved.get('runs')}, not "
+                             f"{self.labels}: resume with the same runs (and --population) as "
+                             "the interrupted job")
+        self.records = saved["records"]
+        for sel, rec, d in zip(self.selectors, self.records, self.run_dirs):
             sel.load_state_dict(rec["selection"])
             _prune_selected(d / "selected", _kept(sel))  # epochs past the checkpoint go
-        log(f"{', '.join(labels)}: resumed after epoch {records[0]['epoch'] + 1} from {latest}")
-    else:
-        stale = [p for d in run_dirs for p in (d / "selected", d / "best") if p.exists()]
-        stale += [latest] if latest.exists() else []
-        if stale:  # a fresh run must not pick up an older run's epochs
-            log(f"{', '.join(labels)}: starting afresh; removing {', '.join(map(str, stale))}")
+        self.log(f"{', '.join(self.labels)}: resumed after epoch {self.records[0]['epoch'] + 1} "
+                 f"from {self.latest}")
+        return host_state
+
+    def _clear_stale(self) -> None:
+        """A fresh run must not pick up an older run's epochs."""
+        stale = [p for d in self.run_dirs for p in (d / "selected", d / "best") if p.exists()]
+        stale += [self.latest] if self.latest.exists() else []
+        if stale:
+            self.log(f"{', '.join(self.labels)}: starting afresh; removing "
+                     f"{', '.join(map(str, stale))}")
             for p in stale:
                 shutil.rmtree(p, ignore_errors=True)
 
-    first = records[0]["epoch"] + 1
-    dev_state = prog.put_state(host_state)
-    dev_train = prog.put_train(model_arrays(data.train, mcfg))
-    masks = {s: MaskBank(getattr(data, s)) for s in ("valid", "test")}
-    n_valid, n_sel = data.valid.n, data.valid.n + data.test.n
-    sel_rows = prog.put_rows(_concat(eval_arrays(data.valid, mcfg),
-                                     eval_arrays(data.test, mcfg)), n_runs)
-    sel_keep = prog.put_rows(_concat(masks["valid"].get("rate", tcfg.eval_rate),
-                                     masks["test"].get("rate", tcfg.eval_rate)), n_runs)
-    pending: list[dict] = [{} for _ in runs]  # selected parameters not yet on disk
-    last_save = time.perf_counter()
-    desc = f"{mcfg.model} {labels[0]}" + (f" +{n_runs - 1} runs" if n_runs > 1 else "")
-    bar = tqdm(range(first, tcfg.epochs), desc=desc, unit="epoch", disable=not progress,
-               initial=first, total=tcfg.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        dev_state, metrics = prog.train_epoch(dev_state, dev_train)
-        preds = prog.predict(dev_state.params, sel_rows, sel_keep, n_sel)
+    def train(self, epoch: int):
+        """One epoch of every run and the selection predictions: (metrics {name: [P, steps]},
+        predictions [P, n_valid + n_test], the time the metrics arrived)."""
+        n_sel = self.data.valid.n + self.data.test.n
+        self.dev_state, metrics = self.prog.train_epoch(self.dev_state, self.dev_train)
+        preds = self.prog.predict(self.dev_state.params, self.sel_rows, self.sel_keep, n_sel)
         metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # [P, steps]
-        t1 = time.perf_counter()
+        t_metrics = time.perf_counter()
         preds = np.asarray(jax.device_get(preds))
-        t2 = time.perf_counter()
-        _check_finite(metrics, runs, epoch * prog.steps)
+        _check_finite(metrics, self.runs, epoch * self.prog.steps)
+        return metrics, preds, t_metrics
+
+    def select(self, epoch: int, metrics: dict, preds: np.ndarray, *, train_s: float,
+               eval_s: float) -> list[int]:
+        """Both selection protocols of every run on this epoch's predictions, its history entry
+        and log line; returns the runs some criterion newly selected this epoch."""
+        tcfg, dataset, data = self.run_cfg.train, self.run_cfg.dataset, self.data
+        n_runs, n_valid = len(self.runs), data.valid.n
         improved_any = []
-        for i, (run, sel, rec) in enumerate(zip(runs, selectors, records)):
-            valid = regression_metrics(preds[i, :n_valid], data.valid.labels, run_cfg.dataset)
-            test = regression_metrics(preds[i, n_valid:], data.test.labels, run_cfg.dataset)
+        for i, (run, sel, rec) in enumerate(zip(self.runs, self.selectors, self.records)):
+            valid = regression_metrics(preds[i, :n_valid], data.valid.labels, dataset)
+            test = regression_metrics(preds[i, n_valid:], data.test.labels, dataset)
             improved = sel.update(epoch, valid, test)
             if improved:
                 improved_any.append(i)
             train_loss = {k: float(v[i].mean()) for k, v in metrics.items()}
             rec["history"].append({"epoch": epoch + 1, "train": train_loss, "valid": valid,
                                    "test": test, "improved": improved,
-                                   "seconds_train": (t1 - t0) / n_runs,
-                                   "seconds_eval": (t2 - t1) / n_runs})
+                                   "seconds_train": train_s / n_runs,
+                                   "seconds_eval": eval_s / n_runs})
             rec["epoch"], rec["selection"] = epoch, sel.state_dict()
-            log(f"{run.label} epoch {epoch + 1}/{tcfg.epochs} loss {train_loss['total']:.4f} "
-                f"lr {train_loss['lr']:.2e} valid MAE {valid['MAE']:.4f} "
-                f"test@{tcfg.eval_rate} MAE {test['MAE']:.4f} improved "
-                f"{','.join(improved) or '-'} ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval for "
-                f"{n_runs} run{'s' * (n_runs > 1)})")
-        if improved_any:  # keep these epochs' parameters until no criterion selects them
-            all_params = prog.get_state(dev_state.params)
-            for i in improved_any:
-                pending[i][epoch] = jax.tree_util.tree_map(np.array, unstack(all_params, i))
-                pending[i] = {e: p for e, p in pending[i].items() if e in _kept(selectors[i])}
-        if epoch == tcfg.epochs - 1 or time.perf_counter() - last_save >= checkpoint_seconds:
-            _save(prog, dev_state, latest, epoch, labels, records, selectors, run_dirs, pending)
-            last_save = time.perf_counter()
-        t3 = time.perf_counter()
-        for rec in records:
-            rec["seconds"]["train"] += (t1 - t0) / n_runs
-            rec["seconds"]["eval"] += (t2 - t1) / n_runs
-            rec["seconds"]["host"] += (t3 - t2) / n_runs
-            rec["history"][-1]["seconds_host"] = (t3 - t2) / n_runs
-        bar.set_postfix(loss=f"{np.mean(metrics['total']):.3f}",
-                        val_mae=f"{records[0]['history'][-1]['valid']['MAE']:.3f}")
+            self.log(f"{run.label} epoch {epoch + 1}/{tcfg.epochs} loss "
+                     f"{train_loss['total']:.4f} lr {train_loss['lr']:.2e} valid MAE "
+                     f"{valid['MAE']:.4f} test@{tcfg.eval_rate} MAE {test['MAE']:.4f} improved "
+                     f"{','.join(improved) or '-'} ({train_s:.1f}s train, {eval_s:.1f}s eval "
+                     f"for {n_runs} run{'s' * (n_runs > 1)})")
+        return improved_any
 
-    # Full robustness protocol, once per distinct (run, selected epoch) (section 4). A criterion
-    # whose metric was never finite selected no epoch; it reads NaN in the paper table.
-    t0 = time.perf_counter()
-    final = prog.get_state(dev_state)
-    pairs = sorted({(i, e) for i, sel in enumerate(selectors) for e in _kept(sel)})
-    pairs = pairs if protocol else []
-    params_list = [checkpoint.restore(run_dirs[i] / "selected" / f"epoch_{e}",
-                                      unstack(final.params, i))[0] for i, e in pairs]
-    results = protocol_results(prog, data.test, run_cfg.dataset, params_list, masks["test"],
-                               burst_rates=burst_rates) if pairs else []
-    for rec, sel in zip(records, selectors):
-        rec["selected"] = {} if protocol else {c: {"epoch": e} for c, e in sel.epoch.items()
-                                               if e is not None}
-    for (i, e), full, p in zip(pairs, results, params_list):
-        for c, ce in selectors[i].epoch.items():
-            if ce == e:
-                records[i]["selected"][c] = dict(full, epoch=e)
-        if selectors[i].epoch["honest"] == e:
-            checkpoint.save(run_dirs[i] / "best", e, p, {"epoch": e, "seed": runs[i].seed,
-                                                          "run": runs[i].label})
-    seconds = (time.perf_counter() - t0) / n_runs
-    for i, rec in enumerate(records):
-        rec["seconds"]["protocol"] = seconds
-        rec["population"] = labels
-        rec["final_state"] = unstack(final, i)
-    return records
+    def keep_selected(self, epoch: int, improved: list[int]) -> None:
+        """Keep the newly selected epochs' parameters in host memory until they are saved (and
+        drop those no criterion selects any more)."""
+        if not improved:
+            return
+        all_params = self.prog.get_state(self.dev_state.params)
+        for i in improved:
+            self.pending[i][epoch] = jax.tree_util.tree_map(np.array, unstack(all_params, i))
+            self.pending[i] = {e: p for e, p in self.pending[i].items()
+                               if e in _kept(self.selectors[i])}
+
+    def save(self, epoch: int) -> None:
+        """Newly selected parameters first, then the population state, then drop what no
+        criterion selects any more: a crash in between leaves extra epochs, which a resume
+        prunes."""
+        for i, d in enumerate(self.run_dirs):
+            for e, p in sorted(self.pending[i].items()):
+                checkpoint.save(d / "selected" / f"epoch_{e}", e, p, {"epoch": e})
+            self.pending[i].clear()
+        checkpoint.save(self.latest, epoch, self.prog.get_state(self.dev_state),
+                        {"epoch": epoch, "runs": self.labels, "records": self.records})
+        for sel, d in zip(self.selectors, self.run_dirs):
+            _prune_selected(d / "selected", _kept(sel))
+        self.last_save = time.perf_counter()
+
+    def add_seconds(self, *, train_s: float, eval_s: float, host_s: float) -> None:
+        n_runs = len(self.runs)
+        for rec in self.records:
+            rec["seconds"]["train"] += train_s / n_runs
+            rec["seconds"]["eval"] += eval_s / n_runs
+            rec["seconds"]["host"] += host_s / n_runs
+            rec["history"][-1]["seconds_host"] = host_s / n_runs
+
+    def final_protocol(self, protocol: bool, burst_rates) -> list[dict]:
+        """The full robustness protocol, once per distinct (run, selected epoch) (section 4); each
+        run's honest choice saved to `<run dir>/best`. A criterion whose metric was never finite
+        selected no epoch; it reads NaN in the paper table."""
+        t0 = time.perf_counter()
+        runs, records, selectors = self.runs, self.records, self.selectors
+        final = self.prog.get_state(self.dev_state)
+        pairs = sorted({(i, e) for i, sel in enumerate(selectors) for e in _kept(sel)})
+        pairs = pairs if protocol else []
+        params_list = [checkpoint.restore(self.run_dirs[i] / "selected" / f"epoch_{e}",
+                                          unstack(final.params, i))[0] for i, e in pairs]
+        results = protocol_results(self.prog, self.data.test, self.run_cfg.dataset, params_list,
+                                   self.masks["test"], burst_rates=burst_rates) if pairs else []
+        for rec, sel in zip(records, selectors):
+            rec["selected"] = {} if protocol else {c: {"epoch": e} for c, e in sel.epoch.items()
+                                                   if e is not None}
+        for (i, e), full, p in zip(pairs, results, params_list):
+            for c, ce in selectors[i].epoch.items():
+                if ce == e:
+                    records[i]["selected"][c] = dict(full, epoch=e)
+            if selectors[i].epoch["honest"] == e:
+                checkpoint.save(self.run_dirs[i] / "best", e, p,
+                                {"epoch": e, "seed": runs[i].seed, "run": runs[i].label})
+        seconds = (time.perf_counter() - t0) / len(runs)
+        for i, rec in enumerate(records):
+            rec["seconds"]["protocol"] = seconds
+            rec["population"] = self.labels
+            rec["final_state"] = unstack(final, i)
+        return records
 
 
 def state_dir_name(runs: Sequence[Run]) -> str:
@@ -285,20 +364,6 @@ def fit_seed(run_cfg: RunConfig, data, seed: int, out_dir, *, params=None, **kwa
 
 def _kept(selector: Selector) -> set:
     return {e for e in selector.epoch.values() if e is not None}
-
-
-def _save(prog, dev_state, latest: Path, epoch: int, labels, records, selectors, run_dirs,
-          pending) -> None:
-    """Newly selected parameters first, then the population state, then drop what no criterion
-    selects any more: a crash in between leaves extra epochs, which a resume prunes."""
-    for i, d in enumerate(run_dirs):
-        for e, p in sorted(pending[i].items()):
-            checkpoint.save(d / "selected" / f"epoch_{e}", e, p, {"epoch": e})
-        pending[i].clear()
-    checkpoint.save(latest, epoch, prog.get_state(dev_state),
-                    {"epoch": epoch, "runs": labels, "records": records})
-    for sel, d in zip(selectors, run_dirs):
-        _prune_selected(d / "selected", _kept(sel))
 
 
 def _prune_selected(selected_dir: Path, keep_epochs: set) -> None:

@@ -42,7 +42,7 @@ def LayerNorm(name: str | None = None) -> nn.LayerNorm:
 # backward pass, one block of at most ATTENTION_BLOCK query rows at a time.
 ATTENTION_BLOCK = 512  # query rows per block at most (one block for MOSI's 508 and 383 ...)
 BLOCK_ELEMENTS = 2**26  # ... and at most this many logits per block (256 MiB in float32)
-LONG_SEQUENCE = 128  # query lengths above this use `blockwise_attention`
+LONG_SEQUENCE = 128  # default: query lengths above this use `blockwise_attention`
 
 
 def _split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -146,14 +146,16 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
     return _merge_heads(out[:, :, :tq])
 
 
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
+                         long_sequence: int = LONG_SEQUENCE) -> jax.Array:
     """Scaled dot-product attention without mask: [B, Tq, H*E], [B, Tk, H*E] x2 -> [B, Tq, H*E].
 
-    Query sequences longer than `LONG_SEQUENCE` rows use `blockwise_attention` (blocks of at most
-    `ATTENTION_BLOCK` rows and `BLOCK_ELEMENTS` logits): equal numbers, a fraction of the memory. Matmuls run in the inputs' dtype (bfloat16 under `--precision bf16`);
-    the logits and the softmax are float32.
+    Query sequences longer than `long_sequence` rows use `blockwise_attention` (blocks of at most
+    `ATTENTION_BLOCK` rows and `BLOCK_ELEMENTS` logits): equal numbers, a fraction of the memory.
+    Matmuls run in the inputs' dtype (bfloat16 under `--precision bf16`); the logits and the
+    softmax are float32.
     """
-    if q.shape[1] > LONG_SEQUENCE:
+    if q.shape[1] > long_sequence:
         per_row = q.shape[0] * heads * k.shape[1]  # logits of one query row over the batch
         block = max(1, min(ATTENTION_BLOCK, BLOCK_ELEMENTS // per_row))
         return blockwise_attention(q, k, v, heads, block)
@@ -171,6 +173,7 @@ class Attention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dtype: Any = jnp.float32  # matmul dtype
+    long_sequence: int = LONG_SEQUENCE  # blockwise attention above this query length
 
     @nn.compact
     def __call__(self, x_q: jax.Array, x_kv: jax.Array) -> jax.Array:
@@ -178,7 +181,8 @@ class Attention(nn.Module):
         q = Dense(inner, use_bias=False, name="to_q", dtype=dt)(LayerNorm("norm_q")(x_q))
         k = Dense(inner, use_bias=False, name="to_k", dtype=dt)(LayerNorm("norm_k")(x_kv))
         v = Dense(inner, use_bias=False, name="to_v", dtype=dt)(LayerNorm("norm_v")(x_kv))
-        return Dense(self.dim, name="to_out", dtype=dt)(multi_head_attention(q, k, v, self.heads))
+        attended = multi_head_attention(q, k, v, self.heads, self.long_sequence)
+        return Dense(self.dim, name="to_out", dtype=dt)(attended)
 
 
 class FeedForward(nn.Module):
@@ -218,6 +222,7 @@ class Transformer(nn.Module):
     return_hidden: bool = False
     outputs: int | None = None
     dtype: Any = jnp.float32  # matmul dtype (the residual stream stays float32)
+    long_sequence: int = LONG_SEQUENCE  # blockwise attention above this query length
 
     @nn.compact
     def __call__(self, x: jax.Array):
@@ -238,7 +243,7 @@ class Transformer(nn.Module):
         for i in range(self.depth):
             last = i == self.depth - 1
             x_q = x[:, : self.outputs] if last and self.outputs is not None else x
-            x = x_q + Attention(self.dim, self.heads, self.dim_head, self.dtype,
+            x = x_q + Attention(self.dim, self.heads, self.dim_head, self.dtype, self.long_sequence,
                                 name=f"attn_{i}")(x_q, x)
             x = x + FeedForward(self.dim, self.mlp_dim, self.dtype, name=f"ff_{i}")(x)
             hidden.append(x)
@@ -296,13 +301,15 @@ class ModalityEncoder(nn.Module):
     dim_head: int = 64
     mlp_dim: int = 128
     dtype: Any = jnp.float32  # matmul dtype
+    long_sequence: int = LONG_SEQUENCE  # blockwise attention above this query length
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = Dense(self.dim, name="proj", dtype=self.dtype)(x)
         return Transformer(
             self.num_frames, self.tokens, self.dim, self.depth, self.heads, self.dim_head,
-            self.mlp_dim, outputs=self.tokens, dtype=self.dtype, name="transformer",
+            self.mlp_dim, outputs=self.tokens, dtype=self.dtype, long_sequence=self.long_sequence,
+            name="transformer",
         )(h)
 
 

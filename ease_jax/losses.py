@@ -50,6 +50,7 @@ __all__ = [
     "gaussian_cs_divergence_full",
     "gaussian_nll",
     "kernel_cs_divergence",
+    "weighted_mean",
 ]
 
 _LOG_2 = math.log(2.0)
@@ -118,8 +119,8 @@ def _broadcast_leading(arrays: Sequence[jax.Array], core_ndims: Sequence[int]) -
             for a, k in zip(arrays, core_ndims, strict=True)]
 
 
-def _batch_mean(per_example_loss: jax.Array, weight: jax.Array | None) -> jax.Array:
-    """Plain mean over [B], or sum(w * l) / max(sum(w), tiny) when weights are given."""
+def weighted_mean(per_example_loss: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """Plain mean over [B], or sum(w * l) / max(sum(w), tiny) when weights are given: [B] -> []."""
     if weight is None:
         return jnp.mean(per_example_loss)
     weight = _as_float(weight)
@@ -466,7 +467,7 @@ def _consistency_mse(preds, weight):
     preds = _as_float(preds)
     first, second = _view_pairs(preds.shape[0])
     per_pair = jnp.square(preds[first] - preds[second])  # [P, B]
-    return _batch_mean(jnp.mean(per_pair, axis=0), weight)
+    return weighted_mean(jnp.mean(per_pair, axis=0), weight)
 
 
 def distillation_mse(view_preds: ArrayLike, full_pred: ArrayLike,
@@ -499,7 +500,7 @@ def _distillation_mse(view_preds, full_pred, weight):
     view_preds = _as_float(view_preds)
     teacher = jax.lax.stop_gradient(_as_float(full_pred))
     per_view = jnp.square(view_preds - jnp.broadcast_to(teacher, view_preds.shape))  # [V, B]
-    return _batch_mean(jnp.mean(per_view, axis=0), weight)
+    return weighted_mean(jnp.mean(per_view, axis=0), weight)
 
 
 def consistency_kl(logits: ArrayLike, weight: ArrayLike | None = None, *,
@@ -538,7 +539,7 @@ def _consistency_kl(logits, weight, *, symmetric):
     per_pair = _kl_from_log_probs(log_p[first], log_p[second])  # [P, B]
     if symmetric:
         per_pair = 0.5 * (per_pair + _kl_from_log_probs(log_p[second], log_p[first]))
-    return _batch_mean(jnp.mean(per_pair, axis=0), weight)
+    return weighted_mean(jnp.mean(per_pair, axis=0), weight)
 
 
 def distillation_kl(view_logits: ArrayLike, full_logits: ArrayLike,
@@ -574,4 +575,4 @@ def _distillation_kl(view_logits, full_logits, weight):
     log_p_view = jax.nn.log_softmax(_as_float(view_logits), axis=-1)
     log_p_full = jax.lax.stop_gradient(jax.nn.log_softmax(_as_float(full_logits), axis=-1))
     per_view = _kl_from_log_probs(log_p_view, jnp.broadcast_to(log_p_full, log_p_view.shape))
-    return _batch_mean(jnp.mean(per_view, axis=0), weight)
+    return weighted_mean(jnp.mean(per_view, axis=0), weight)

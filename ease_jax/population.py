@@ -1,4 +1,5 @@
-"""Many runs in one program (DESIGN.md "Many runs, one program" and "One epoch, one device call").
+"""Many runs in one program (docs/design.md "Many runs, one program" and "One epoch, one device
+call").
 
 A population is P runs of one model that differ only in numbers: the seed (and so the
 initialisation, data order, training masks, subset views and imputation noise), every loss weight
@@ -6,8 +7,9 @@ of `LossConfig` and the base learning rate. Those numbers live in the `TrainStat
 `mask_rng`, `order_rng`, `hparams`) and the population's state carries a leading run axis [P] on
 every leaf, anchors and optimizer states included. The per-device train step is vmapped over that
 axis (on a CPU, mapped over in turn: `default_run_batch`), so one compiled program trains all P
-runs; what changes the graph (w/o UCMI, another model,
-other shapes) needs a population of its own.
+runs; what changes the graph (w/o UCMI, another model, other shapes) needs a population of its own.
+On a CPU the runs are mapped in turn and keep the encode-once path; vmapped runs trace their step
+with `ModelConfig.encode_once` off (a vmapped `lax.cond` runs both branches).
 
 One epoch is one device call: the training split is placed on the devices once, and
 `PopulationProgram.train_epoch` is a jitted `lax.scan` over the epoch's steps, each run drawing its
@@ -39,15 +41,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ease_jax.config import LossConfig, ModelConfig, TrainConfig
-from ease_jax.data.missing import apply_keep_masks
-from ease_jax.models import build_model, common
+from ease_jax.config import LOSS_WEIGHTS, LossConfig, ModelConfig, RunConfig, TrainConfig, replace
 from ease_jax.train import (
     AXIS,
-    LOSS_WEIGHTS,
     TrainState,
     create_state,
     epoch_rows,
+    eval_noise_key,
+    forward,
     gather_rows,
     global_batch_size,
     make_train_step,
@@ -77,17 +78,16 @@ class Run:
 
 
 def program_key(loss: LossConfig) -> tuple:
-    """The fields of a LossConfig that shape the program: all but the weights and the two
-    switches (which fold into the weights, `train.run_hparams`)."""
-    numeric = set(LOSS_WEIGHTS) | {"use_ucsa", "use_mipc"}
+    """The fields of a LossConfig that shape the program: all but the weights (numbers of a run,
+    `train.run_hparams`)."""
     return tuple((f.name, getattr(loss, f.name)) for f in dataclasses.fields(LossConfig)
-                 if f.name not in numeric)
+                 if f.name not in LOSS_WEIGHTS)
 
 
 def check_population(runs: Sequence[Run], base_loss: LossConfig,
                      base_model: ModelConfig | None = None) -> None:
     """Raise a ValueError when the runs cannot share one program: their LossConfigs may differ
-    from the population's only in the weights and the two switches, their model (when set) must
+    from the population's only in the weights, their model (when set) must
     be the population's, and names must be unique."""
     if not runs:
         raise ValueError("a population needs at least one run")
@@ -175,8 +175,10 @@ class PopulationProgram:
         self.global_batch = global_batch_size(train_cfg.batch_size, self.d)
         self.mesh = Mesh(np.array(self.devices).reshape(self.r, self.d), (RUNS, AXIS))
         self.traces = {"epoch": 0, "predict": 0}
-        self._step = make_train_step(model_cfg, loss_cfg, train_cfg, self.steps, n_train)
-        self._model = build_model(model_cfg)
+        # Vmapped runs encode both passes in full: under vmap the encode-once `lax.cond` would
+        # become a select that runs both branches (the same numbers either way).
+        step_cfg = model_cfg if self.run_batch == 1 else replace(model_cfg, encode_once=False)
+        self._step = make_train_step(step_cfg, loss_cfg, train_cfg, self.steps, n_train)
         if parallel == "pmap":
             self._epoch = jax.pmap(self._device_epoch, axis_name=AXIS, devices=self.devices,
                                    donate_argnums=(0,))
@@ -210,26 +212,19 @@ class PopulationProgram:
 
             return jax.lax.scan(body, st, rows)
 
-        # Under vmap the encode-once `lax.cond` would turn into a select that runs both branches;
-        # with several runs vmapped together encode both passes in full (the same numbers).
-        with common.encode_once(self.run_batch == 1):
-            return _map_runs(lambda st: run_epoch(st, train), state, self.run_batch)
+        return _map_runs(lambda st: run_epoch(st, train), state, self.run_batch)
 
     def _device_predict(self, params, rows: dict, keep: dict):
         """Predictions [p, 1, nb * bs] of this device's parameter sets [p, ...] on its rows
         ([nb, bs, ...] under pmap, [1, nb, bs, ...] under shard_map)."""
         self.traces["predict"] += 1
-        model, mode = self._model, self.model_cfg.text_encoder
         if self.parallel == "shard_map":
             rows, keep = _squeeze0(rows), _squeeze0(keep)
 
         def one_params(p):
             def one_batch(args):
                 x, k, i = args
-                inputs = apply_keep_masks(x, k, text_mode=mode)
-                rngs = ({"noise": jax.random.fold_in(jax.random.key(0), i)}
-                        if self.model_cfg.sample_at_eval else {})
-                return model.apply({"params": p}, inputs, train=False, rngs=rngs)["pred"]
+                return forward(self.model_cfg, p, x, k, eval_noise_key(i))["pred"]
 
             nb = jax.tree_util.tree_leaves(rows)[0].shape[0]
             return jax.lax.map(one_batch, (rows, keep, jnp.arange(nb))).reshape(-1)
@@ -298,6 +293,16 @@ class PopulationProgram:
 
     # -- the calls ----------------------------------------------------------------------------
 
+    def lower_epoch(self, state, train: dict) -> jax.stages.Lowered:
+        """The epoch program traced and lowered for these arguments (device arrays or
+        `jax.ShapeDtypeStruct`s of `put_state` / `put_train`'s layout); nothing runs. Its
+        `.compile()` gives XLA's memory and cost analyses."""
+        return self._epoch.lower(state, train)
+
+    def lower_predict(self, params, rows: dict, keep: dict) -> jax.stages.Lowered:
+        """The predict program traced and lowered for these device arguments; nothing runs."""
+        return self._predict.lower(params, rows, keep)
+
     def train_epoch(self, state, train: dict):
         """One epoch of every run: (state, metrics {name: [P, steps]} still on device)."""
         state, metrics = self._epoch(state, train)
@@ -354,26 +359,61 @@ def _squeeze0(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
-
-def run_footprint_bytes(run_cfg, train_arrays: dict) -> dict:
+def run_footprint_bytes(run_cfg: RunConfig, train_arrays: dict) -> dict:
     """Memory of the epoch program of one run on one device, from XLA's memory analysis of the
     compiled program (encode-once off, as when runs are vmapped): {"state": a run's state
     (parameters, optimizer state, anchors), "temp": the step's temporaries, "data": the training
-    arrays (`train.model_arrays`), shared by all runs}. Vmapped runs each need state + temp; runs
+    arrays (`data.model_arrays`), shared by all runs}. Vmapped runs each need state + temp; runs
     mapped in turn share one temp. Compiles once; nothing runs."""
-    mcfg, tcfg = run_cfg.model, run_cfg.train
+    mcfg, tcfg = replace(run_cfg.model, encode_once=False), run_cfg.train
     n_train = next(iter(train_arrays.values())).shape[0]
     prog = PopulationProgram(mcfg, run_cfg.loss, tcfg, n_train, 1, parallel="shard_map",
                              devices=jax.local_devices()[:1], run_batch=1)
-    one = jax.eval_shape(lambda: create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss))
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), one)
+    state = jax.eval_shape(lambda: stack_shapes(
+        [create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss)]))
     train = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
              for k, v in train_arrays.items()}
-    with common.encode_once(False):
-        mem = prog._epoch.lower(state, train).compile().memory_analysis()
+    mem = prog.lower_epoch(state, train).compile().memory_analysis()
+    return {"state": int(_nbytes(state)), "temp": int(mem.temp_size_in_bytes),
+            "data": int(_nbytes(train))}
 
-    def size(tree):
-        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
-    return {"state": int(size(state)), "temp": int(mem.temp_size_in_bytes),
-            "data": int(size(train))}
+def stack_shapes(trees: Sequence[Any]) -> Any:
+    """`stack` for traced or abstract pytrees (`jax.numpy`): [len(trees), ...] on every leaf."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def device_memory_bytes() -> float:
+    """Memory one program may use: the accelerator's `bytes_limit`, else 80% of the host RAM."""
+    import os
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return 0.9 * float(stats["bytes_limit"])
+    return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_population(requested, run_cfg: RunConfig, train_arrays: dict, n_runs: int,
+                    log=print) -> int:
+    """How many of `n_runs` runs share one program: all (`requested` None), N, or "auto": as many
+    as fit in the device memory (`device_memory_bytes`) by the compiled epoch program's footprint
+    (`run_footprint_bytes`): state + temporaries per vmapped run, or one shared set of
+    temporaries when the runs are mapped in turn (CPU)."""
+    if requested is None:
+        return n_runs
+    if requested != "auto":
+        return max(1, min(int(requested), n_runs))
+    mem = run_footprint_bytes(run_cfg, train_arrays)
+    vmapped = default_run_batch(jax.local_devices(), n_runs) > 1
+    per_run = mem["state"] + (mem["temp"] if vmapped else 0)
+    free = device_memory_bytes() - mem["data"] - (0 if vmapped else mem["temp"])
+    size = max(1, min(n_runs, int(free // max(per_run, 1))))
+    log(f"--population auto: {per_run / 2**30:.2f} GiB per run "
+        f"({'vmapped' if vmapped else 'mapped in turn'}; data {mem['data'] / 2**30:.2f} GiB, "
+        f"step temporaries {mem['temp'] / 2**30:.2f} GiB), {free / 2**30:.1f} GiB available -> "
+        f"{size} run(s) per program")
+    return size

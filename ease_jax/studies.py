@@ -1,4 +1,4 @@
-"""The papers' studies as sets of runs (PROTOCOL.md section 11): Table 4's ablation variants and
+"""The papers' studies as sets of runs (docs/protocol.md section 11): Table 4's ablation variants and
 Fig. 7's loss-weight sensitivity grid, plus the statistics that compare runs over seeds.
 
 A study is a list of `population.Run`s handed to `fit.fit_runs`, which trains every group of runs
@@ -18,28 +18,23 @@ import numpy as np
 from ease_jax.config import LossConfig, ModelConfig
 from ease_jax.population import Run
 
-# Table 4 (EASE, MOSI): name -> (ModelConfig changes, LossConfig changes). "w/o MIPC" zeroes the
-# view terms' weights instead of dropping the views from the model: the views then feed nothing,
-# so the model trains exactly as without them (up to float rounding) and stays in the full model's
-# population (one compiled program instead of two).
+# Table 4 (EASE, MOSI), the one definition of every variant: name -> (ModelConfig changes,
+# LossConfig changes). Graph changes live in ModelConfig (w/o UCMI: no imputer, no gate), term
+# removals are weights at 0. "w/o MIPC" zeroes the two view terms' weights: the subset views then
+# feed nothing, so the model trains as without them (up to float rounding) in the full model's
+# program (docs/protocol.md section 12); the sweeps never drop the views either.
+_UCSA_OFF = {"uada": 0.0, "anchor": 0.0}
+_MIPC_OFF = {"cons": 0.0, "asym": 0.0}
 ABLATIONS: dict[str, tuple[dict, dict]] = {
     "EASE": ({}, {}),
     "w/o UCMI": ({"use_ucmi": False}, {}),
-    "w/o UCSA": ({}, {"use_ucsa": False}),
-    "w/o MIPC": ({}, {"use_mipc": False}),
-    "w/o ALL": ({"use_ucmi": False}, {"use_ucsa": False, "use_mipc": False}),
+    "w/o UCSA": ({}, _UCSA_OFF),
+    "w/o MIPC": ({}, _MIPC_OFF),
+    "w/o ALL": ({"use_ucmi": False}, _UCSA_OFF | _MIPC_OFF),
     "w/o L_uada": ({}, {"uada": 0.0}),
     "w/o L_anchor": ({}, {"anchor": 0.0}),
     "w/o L_cons": ({}, {"cons": 0.0}),
     "w/o L_asym": ({}, {"asym": 0.0}),
-}
-# The paper's MOSI rows of Table 4: F1 has0, F1 non0, Acc-5 (10-rate means, paper protocol).
-PAPER_ABLATION_MOSI = {
-    "EASE": (73.66, 74.79, 39.57), "w/o UCMI": (72.15, 72.98, 37.26),
-    "w/o UCSA": (72.80, 73.84, 38.65), "w/o MIPC": (72.67, 73.41, 38.02),
-    "w/o ALL": (71.47, 72.38, 36.53), "w/o L_uada": (73.14, 74.23, 39.06),
-    "w/o L_anchor": (72.95, 73.96, 38.81), "w/o L_cons": (73.15, 73.92, 38.77),
-    "w/o L_asym": (72.88, 73.68, 38.40),
 }
 
 # Fig. 7: Eq. 13 as L_sp + l1 L_ucmi + l2 (L_uada + 0.02 L_anchor) + l3 (L_cons + L_asym).

@@ -1,21 +1,26 @@
-"""Training: TrainState, the ONE per-device train step, and its pmap / shard_map wrappers.
+"""Training and the forward pass: TrainState, the ONE per-device train step, and THE evaluation
+forward function.
 
-The per-device step `(state, batch, rng) -> (state, metrics)` (section 9 of PROTOCOL.md):
+The per-device step `(state, batch, rng) -> (state, metrics)` (docs/protocol.md section 9):
   1. draws the training keep masks on device from `rng` (per-sample rate U(0, 1), half the samples
      at rate 0, per modality), applies them, and measures each sample's missing fraction;
   2. runs the model on the incomplete inputs with the clean inputs beside them;
-  3. computes the objective (global-batch normalised, see `ease_jax.objectives`);
+  3. computes the objective (global-batch normalised, see `ease_jax.objectives`) with the run's
+     loss weights;
   4. averages gradients with `lax.pmean(..., "data")` and applies AdamW with the per-epoch
      warm-up + cosine schedule of the released code (`epoch_lr`; epoch 1 at lr 0).
 Batches are padded to the global batch size with zero-weight rows, so the step compiles once and
 a batch that does not divide by the device count costs nothing but the padding. The run's base lr
 and loss weights are numbers in its state (`TrainState.hparams`), so `ease_jax.population` can vmap
 this step over runs that differ in them; `epoch_rows` / `gather_rows` build its batches on device.
+
+`forward` is the evaluation forward pass every reader of predictions uses: the selection and the
+final protocol (`population.PopulationProgram.predict`), the analyses and predictions
+(`diagnostics.Forward`, a host batcher) and the benchmark.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,11 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ease_jax.anchors import init_anchors
-from ease_jax.config import LossConfig, ModelConfig, TrainConfig
+from ease_jax.config import LOSS_WEIGHTS, LossConfig, ModelConfig, TrainConfig
 from ease_jax.data.missing import apply_keep_masks, train_keep_masks
 from ease_jax.models import build_model, init_params
 from ease_jax.objectives import model_loss
@@ -56,27 +59,10 @@ class TrainState(flax.struct.PyTreeNode):
     hparams: Any
 
 
-# The weights of `LossConfig` that a run carries as numbers (`TrainState.hparams`). The switches
-# use_ucsa / use_mipc fold into them (a switched-off term has weight 0).
-LOSS_WEIGHTS = ("sp", "ucmi", "uada", "anchor", "cons", "asym", "cc", "adv", "rec")
-
-
 def run_hparams(loss_cfg: LossConfig, lr: float) -> dict:
-    """`TrainState.hparams` of a run: base lr and the effective loss weights (a switched-off
-    component's weights are 0), float32 scalars."""
-    weights = {k: float(getattr(loss_cfg, k)) for k in LOSS_WEIGHTS}
-    if not loss_cfg.use_ucsa:
-        weights.update(uada=0.0, anchor=0.0)
-    if not loss_cfg.use_mipc:
-        weights.update(cons=0.0, asym=0.0)
-    return {k: np.float32(v) for k, v in dict(lr=lr, **weights).items()}
-
-
-def weighted_loss_config(loss_cfg: LossConfig, hparams: dict) -> LossConfig:
-    """`loss_cfg` with its weights replaced by the run's (possibly traced) `hparams` and both
-    switches on (they are already folded into the weights, `run_hparams`)."""
-    return dataclasses.replace(loss_cfg, use_ucsa=True, use_mipc=True,
-                               **{k: hparams[k] for k in LOSS_WEIGHTS})
+    """`TrainState.hparams` of a run: its base lr and every loss weight of `loss_cfg`
+    (`config.LOSS_WEIGHTS`), float32 scalars."""
+    return {k: np.float32(v) for k, v in dict(lr=lr, **loss_cfg.weights()).items()}
 
 
 def epoch_lr(epoch: jax.Array, base_lr: float, warmup: int, total: int) -> jax.Array:
@@ -156,13 +142,13 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
         inputs, _ = train_inputs(state, batch, n_train=n_train, steps_per_epoch=steps_per_epoch,
                                  text_mode=text_mode)
         target = dict(batch, missing_rate=inputs["missing_rate"])
-        run_loss = weighted_loss_config(loss_cfg, state.hparams)
+        weights = {k: state.hparams[k] for k in LOSS_WEIGHTS}
 
         def objective(params):
             outputs = model.apply({"params": params}, inputs, batch, train=True,
                                   rngs={"noise": k_noise, "views": k_views, "dropout": k_dropout})
-            total, terms, anchors = loss_fn(outputs, target, state.anchors, run_loss,
-                                            axis_name=axis_name)
+            total, terms, anchors = loss_fn(outputs, target, state.anchors, loss_cfg,
+                                            weights=weights, axis_name=axis_name)
             return total, (terms, anchors)
 
         grads, (terms, anchors) = jax.grad(objective, has_aux=True)(state.params)
@@ -206,82 +192,6 @@ def tx_lr(step, train_cfg: TrainConfig, steps_per_epoch: int, base_lr) -> jax.Ar
                     train_cfg.epochs) * base_lr
 
 
-class ParallelStep:
-    """Runs the per-device step on all local devices with `jax.pmap` (default) or `jax.shard_map`.
-
-    Both take the state as the host sees it (unreplicated) via `put_state`, a host batch padded to
-    the global batch size via `put_batch`, and a per-step key; `get_state` returns a single copy.
-    """
-
-    def __init__(self, step_fn: Callable, mode: str = "pmap", devices=None):
-        if mode not in ("pmap", "shard_map"):
-            raise ValueError(f"parallel mode must be 'pmap' or 'shard_map', got {mode!r}")
-        self.mode = mode
-        self.devices = list(devices or jax.local_devices())
-        self.n = len(self.devices)
-        if mode == "pmap":
-            self._fn = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
-                                devices=self.devices, donate_argnums=(0,))
-        else:
-            self.mesh = Mesh(np.array(self.devices), (AXIS,))
-            mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
-                                   out_specs=(P(), P()), check_vma=False)
-            self._fn = jax.jit(mapped, donate_argnums=(0,))
-            self._replicated = NamedSharding(self.mesh, P())
-            self._sharded = NamedSharding(self.mesh, P(AXIS))
-
-    def __call__(self, state, batch, rng):
-        return self._fn(state, batch, rng)
-
-    def lower(self, state, batch, rng):
-        """The step traced and lowered for these (device) arguments (`jax.stages.Lowered`)."""
-        return self._fn.lower(state, batch, rng)
-
-    def compile(self, state, batch, rng):
-        """The step compiled ahead of time for these (device) arguments: a callable with the
-        same signature, whose `cost_analysis()` reports XLA's FLOP count."""
-        return self.lower(state, batch, rng).compile()
-
-    def put_state(self, state):
-        if self.mode == "pmap":
-            # Place the stacked copies with the sharding pmap's outputs carry: handing pmap host
-            # arrays first and device arrays later would compile the step twice.
-            host = jax.device_get(state)
-            sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), P(AXIS))
-            return jax.tree_util.tree_map(
-                lambda x: jax.device_put(np.broadcast_to(x, (self.n, *np.shape(x))), sharding), host)
-        return jax.device_put(state, self._replicated)
-
-    def get_state(self, state):
-        """One copy of the state: pmap mode fetches device 0's shard of every leaf to the host in
-        one transfer (indexing `x[0]` leaf by leaf would dispatch one gather per leaf)."""
-        if self.mode == "pmap":
-            shards = jax.device_get(
-                jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, state))
-            return jax.tree_util.tree_map(lambda x: x[0], shards)
-        return state
-
-    def put_batch(self, batch: dict) -> dict:
-        if self.mode == "pmap":
-            return {k: v.reshape(self.n, v.shape[0] // self.n, *v.shape[1:]) for k, v in batch.items()}
-        return jax.device_put(batch, self._sharded)
-
-    def metrics(self, metrics):
-        """Device metrics -> the single copy (still on device; fetch when logging)."""
-        return jax.tree_util.tree_map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
-
-
-def pad_batch(batch: dict, size: int) -> dict:
-    """Pad host arrays [b, ...] to [size, ...] with zero rows and add `weight` (1 real, 0 pad)."""
-    b = next(iter(batch.values())).shape[0]
-    if b > size:
-        raise ValueError(f"batch of {b} rows exceeds the padded size {size}")
-    out = {k: np.concatenate([v, np.zeros((size - b, *v.shape[1:]), v.dtype)]) if b < size else v
-           for k, v in batch.items()}
-    out["weight"] = (np.arange(size) < b).astype(np.float32)
-    return out
-
-
 def global_batch_size(batch_size: int, n_devices: int) -> int:
     """Smallest multiple of the device count that holds `batch_size` rows."""
     return int(math.ceil(batch_size / n_devices) * n_devices)
@@ -321,16 +231,38 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return int(math.ceil(n / batch_size))
 
 
-def model_arrays(split, mcfg: ModelConfig) -> dict:
-    """The host arrays of a split the train step reads (labels included), per text mode."""
-    arrays = split.arrays()
-    keys = ["text_ids", "text_mask", "text_types", "audio", "vision", "audio_lengths",
-            "vision_lengths", "labels"]
-    if mcfg.text_encoder == "features":
-        keys.append("text_features")
-    return {k: arrays[k] for k in keys}
+# Outputs `forward` passes on when the model has them (besides "pred" and "missing_rate").
+DIAGNOSTICS = ("gate", "uncertainty", "completeness")
+CLEAN_DIAGNOSTICS = ("clean_tokens", "imp_mean", "imp_var", "imp_sample")
 
 
-def eval_arrays(split, mcfg: ModelConfig) -> dict:
-    """The host arrays of a split the evaluation forward pass reads (no labels)."""
-    return {k: v for k, v in model_arrays(split, mcfg).items() if k != "labels"}
+def eval_noise_key(batch_index) -> jax.Array:
+    """The imputation-noise key of evaluation batch `batch_index` (read only with
+    `ModelConfig.sample_at_eval`): `fold_in(key(0), batch_index)`."""
+    return jax.random.fold_in(jax.random.key(0), batch_index)
+
+
+def forward(cfg: ModelConfig, params: Any, batch: dict, keep: dict, key: jax.Array | None = None,
+            *, clean: bool = False, full_keep: dict | None = None) -> dict:
+    """The evaluation forward pass: `keep` masks applied to `batch` on device, then the model in
+    evaluation mode (z_hat = mu unless `cfg.sample_at_eval`, then noise from `key`).
+
+    `batch`: a split's model arrays for B rows (`data.model_arrays(..., labels=False)`), `keep`:
+    the condition's keep masks of those rows (`evaluate.MaskBank`). Returns {"pred" [B],
+    "missing_rate" [B, 3] (observed dropped fraction per modality)} plus the diagnostics the model
+    has: EASE with UCMI "gate", "uncertainty" [3, B]; LNLN "completeness" [B]; with `clean` (the
+    clean inputs encoded beside the incomplete ones) also "clean_tokens", "imp_mean", "imp_var",
+    "imp_sample" [3, B, K, d] where the model has them; with `full_keep` also "pred_full" [B], the
+    prediction under those masks. Jit it; XLA drops what the caller does not read.
+    """
+    model = build_model(cfg)
+    mode = cfg.text_encoder
+    rngs = {"noise": key} if cfg.sample_at_eval else {}
+    inputs = apply_keep_masks(batch, keep, text_mode=mode)
+    out = model.apply({"params": params}, inputs, batch if clean else None, train=False, rngs=rngs)
+    res = {"pred": out["pred"], "missing_rate": inputs["missing_rate"]}
+    res.update({k: out[k] for k in DIAGNOSTICS + (CLEAN_DIAGNOSTICS if clean else ()) if k in out})
+    if full_keep is not None:
+        full = apply_keep_masks(batch, full_keep, text_mode=mode)
+        res["pred_full"] = model.apply({"params": params}, full, train=False, rngs=rngs)["pred"]
+    return res

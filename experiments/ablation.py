@@ -1,4 +1,4 @@
-"""`python -m experiments.ablation`: EASE's component and loss-term ablations (Table 4; PROTOCOL.md
+"""`python -m experiments.ablation`: EASE's component and loss-term ablations (Table 4; docs/protocol.md
 section 11) over several seeds, under both selection protocols, with every variant's paired
 difference from full EASE (same seeds, 95% interval). Writes ablation.json, ablation.md (Table 4's
 layout, the paper's MOSI rows beside ours), ablation.png and run.log under --out; each run's files
@@ -15,7 +15,7 @@ import argparse
 
 from ease_jax.config import DATASETS
 from ease_jax.studies import ABLATIONS
-from experiments import sweep
+from experiments import cli
 
 SYNTHETIC_SEEDS = "1111,1112"
 
@@ -30,10 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(ABLATIONS),
                    help="comma-separated subset of: " + ", ".join(ABLATIONS)
                         + " (default all; EASE is added when missing: it is the reference)")
-    sweep.add_run_arguments(p, None)
+    cli.add_run_arguments(p, None)
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>_ablation)")
     args = p.parse_args(argv)
-    args.data = args.data or sweep.DEFAULT_DATA[args.dataset]
+    args.data = args.data or cli.DEFAULT_DATA[args.dataset]
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in ABLATIONS]
     if unknown or not args.variant_list:
@@ -49,14 +49,14 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     ds = args.dataset
-    out, log, data, is_synthetic = sweep.start_command(args, ds, f"runs/{ds}_ablation")
+    out, log, data, is_synthetic = cli.start_command(args, ds, f"runs/{ds}_ablation")
     if is_synthetic and args.synthetic == "small" and args.seeds is None:
         args.seeds = SYNTHETIC_SEEDS
-    run, bert_params = sweep.prepare_run(args, ds, data, is_synthetic, "ease", log)
+    run, bert_params = cli.prepare_run(args, ds, data, is_synthetic, "ease", log)
     seeds = list(run.train.seeds)
     runs = ablation_runs(run.model, run.loss, seeds, args.variant_list)
     log(f"ablation: {len(args.variant_list)} variants x {len(seeds)} seed(s) = {len(runs)} runs")
-    records = sweep.train_runs(args, run, data, runs, out, log, bert_params)
+    records = cli.train_runs(args, run, data, runs, out, log, bert_params)
     groups = {v: [records[f"{slug(v)}_seed_{s}"] for s in seeds] for v in args.variant_list}
     label = "synthetic" if is_synthetic else "real"
     results = {

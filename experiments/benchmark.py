@@ -141,67 +141,6 @@ def _log(msg: str) -> None:
 # One configuration (runs inside a worker process unless --no-isolate).
 
 
-def make_params(mcfg, how: str):
-    """Parameters of the model `mcfg` describes.
-
-    "flax": `jax.jit(init_params)`, the library's own initialisation; this compiles the whole
-    forward pass and costs about as much as compiling the train step (45-100 s on an H100).
-    "shapes": the parameter shapes from `jax.eval_shape(init_params)` (tracing only), filled
-    directly: LayerNorm scales 1, biases 0, everything else N(0, 0.02) -- the same tree, shapes and
-    dtypes, so the step's speed is the same, at a fraction of the set-up time.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from ease_jax.models import init_params
-
-    key = jax.random.key(0)
-    if how == "flax":
-        return jax.jit(lambda k: init_params(mcfg, k))(key)
-    shapes = jax.eval_shape(lambda k: init_params(mcfg, k), key)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-
-    rng = np.random.default_rng(0)  # host-side: no per-shape kernels to compile
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "bias":
-            return np.zeros(leaf.shape, leaf.dtype)
-        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
-
-    leaves = [jnp.asarray(fill(path, leaf)) for path, leaf in paths]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-@contextlib.contextmanager
-def loop_free_program():
-    """Trace the model as a program without loops: plain attention (no query blocks), both passes
-    of the encoders in full (no encode-once chunks) and BERT's layer scan unrolled. The numbers
-    are the same; XLA's cost analysis counts a loop body once whatever its trip count, so only
-    this program's count is the step's real FLOP count."""
-    from ease_jax import bert, layers
-    from ease_jax.models import common
-
-    saved = layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL
-    layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL = 10**9, False, 0
-    try:
-        yield
-    finally:
-        layers.LONG_SEQUENCE, common.ENCODE_ONCE, bert.SCAN_UNROLL = saved
-
-
-def _reference_flops(lower, *args) -> float | None:
-    """FLOPs of the program `lower(*args)` returns (the `lower` of a jit / pmap function or of a
-    `ParallelStep` not yet traced: it traces at lowering) from the cost analysis of the lowered
-    program, traced inside `loop_free_program`."""
-    with loop_free_program():
-        lowered = lower(*args)
-    return _flops(lowered)
-
-
 def _flops(compiled) -> float | None:
     """FLOPs of one call of a lowered or compiled program, from XLA's cost analysis (None where
     the backend gives none). For a pmap program this is one device's share."""
@@ -242,165 +181,126 @@ def _peak_memory() -> dict:
 
 
 def run_config(model: str, text_encoder: str, args) -> dict:
-    """Measure one (model, text encoder) pair; returns one JSON row."""
+    """Measure one (model, text encoder) pair on the fit loop's own programs
+    (`population.PopulationProgram` of one run: the epoch program and the predict program);
+    returns one JSON row."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from ease_jax.config import LossConfig, TrainConfig, model_config
     from ease_jax.data.missing import eval_keep_masks
     from ease_jax.data.mmsa import from_raw
     from ease_jax.data.synthetic import synthetic
-    from ease_jax.evaluate import make_predict_fn
-    from ease_jax.train import (
-        ParallelStep,
-        create_state,
-        eval_arrays,
-        global_batch_size,
-        make_train_step,
-        model_arrays,
-        pad_batch,
-        steps_per_epoch,
-    )
+    from ease_jax.models import init_params, placeholder_params
+    from ease_jax.population import PopulationProgram, stack
+    from ease_jax.train import create_state, steps_per_epoch
 
-    from ease_jax.models import common
-
-    common.ENCODE_ONCE = not args.no_encode_once
     tag = f"{model}/{text_encoder}"
     t_start = time.perf_counter()
-    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision)
+    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision,
+                        encode_once=not args.no_encode_once)
     loss_cfg = LossConfig.preset("code", DATASET)
     tcfg = TrainConfig(batch_size=args.batch_size)
-    spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)
-
-    par = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe, MOSI_TRAIN), args.parallel)
-    gbs = global_batch_size(args.batch_size, par.n)
-    n_batches = 2  # alternate between two distinct batches
-    raw = synthetic(DATASET, seed=0, n_train=n_batches * args.batch_size, n_valid=8,
-                    n_test=args.eval_batch_size)
+    spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)  # the schedule of a real MOSI run
+    n_train = args.epoch_steps * args.batch_size
+    raw = synthetic(DATASET, seed=0, n_train=n_train, n_valid=8, n_test=args.eval_batch_size)
     data = from_raw(raw, source="synthetic:mosi(seed=0)")
-    dims = data.dims
-    assert (dims["L"], dims["T_a"], dims["D_a"], dims["T_v"], dims["D_v"], dims["D_t"]) == (
-        mcfg.text_len, mcfg.audio_len, mcfg.audio_dim, mcfg.vision_len, mcfg.vision_dim,
-        mcfg.text_dim), f"synthetic MOSI dims {dims} differ from the model config"
 
-    _log(f"{tag}: initialising parameters ({par.n} {jax.devices()[0].platform} device(s), "
-         f"{args.parallel})")
+    def program(cfg):
+        return PopulationProgram(cfg, loss_cfg, tcfg, n_train, 1, parallel=args.parallel,
+                                 eval_rows=args.eval_batch_size)
+
+    prog = program(mcfg)
+    _log(f"{tag}: initialising parameters ({len(prog.devices)} {jax.devices()[0].platform} "
+         f"device(s), {args.parallel})")
     t0 = time.perf_counter()
-    params = jax.block_until_ready(make_params(mcfg, args.init))
+    params = (jax.jit(lambda k: init_params(mcfg, k))(jax.random.key(0)) if args.init == "flax"
+              else placeholder_params(mcfg))
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
-    state = create_state(mcfg, tcfg, 1111, spe, params=params)
+    host_state = stack([jax.device_get(create_state(mcfg, tcfg, 1111, spe, params=params,
+                                                    loss_cfg=loss_cfg))])
     del params
-    dev_state = par.put_state(state)
-    if args.parallel == "pmap":
-        # Commit the stacked state to the devices as pmap's outputs are committed: with uncommitted
-        # (host) inputs, JAX 0.10's pmap compiles the step a second time on its second call.
-        mesh = Mesh(np.array(par.devices), ("data",))
-        dev_state = jax.device_put(dev_state, NamedSharding(mesh, P("data")))
-    dev_state = jax.block_until_ready(dev_state)
-    del state
+    dev_state = jax.block_until_ready(prog.put_state(host_state))
+    dev_train = prog.put_train(data.train.model_arrays(text_encoder))
     init_s = time.perf_counter() - t0
-    _log(f"{tag}: {n_params:,} parameters, init {init_s:.1f}s; compiling the train step")
+    _log(f"{tag}: {n_params:,} parameters, init {init_s:.1f}s; compiling the epoch program "
+         f"({args.epoch_steps} step(s) per call)")
 
-    arrays = model_arrays(data.train, mcfg)
-    batches = []
-    for i in range(n_batches):
-        sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
-        rows = {k: v[sl] for k, v in arrays.items()}
-        rows["index"] = np.arange(sl.start, sl.stop, dtype=np.int32)
-        batches.append(pad_batch(rows, gbs))
-    base_key = jax.random.key(1111)
-
-    def step_key(i: int):
-        return jax.random.key_data(jax.random.fold_in(base_key, i))
-
-    # Compile explicitly (lower + compile, nothing executed), so compile time is its own figure and
-    # XLA's cost analysis gives the FLOPs of exactly the program that is timed.
-    t0 = time.perf_counter()
-    compiled = par.compile(dev_state, par.put_batch(batches[0]), step_key(0))
-    compile_s = time.perf_counter() - t0
-    reference_step = ParallelStep(make_train_step(mcfg, loss_cfg, tcfg, spe, MOSI_TRAIN),
-                                  args.parallel)  # a new function: traced afresh, loop-free
-    step_flops = _reference_flops(reference_step.lower, dev_state, par.put_batch(batches[0]),
-                                  step_key(0))
-    _log(f"{tag}: compiled in {compile_s:.1f}s ({_fmt_flops(step_flops)} per step); "
-         f"{1 + args.warmup} warm-up + {args.steps} timed steps")
-
-    def one_step(i: int):
+    def one_epoch():
         nonlocal dev_state
-        dev_state, metrics = compiled(dev_state, par.put_batch(batches[i % n_batches]), step_key(i))
-        return jax.block_until_ready((dev_state, metrics))
+        dev_state, metrics = prog.train_epoch(dev_state, dev_train)
+        return jax.block_until_ready(metrics)
 
     t0 = time.perf_counter()
-    _, metrics = one_step(0)
-    first_step_s = time.perf_counter() - t0
-    loss0 = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
+    metrics = one_epoch()  # traces and compiles
+    first_s = time.perf_counter() - t0
+    loss0 = float(np.asarray(jax.device_get(metrics["total"]))[0, 0])
     warmup_times = []
-    for i in range(args.warmup):
+    for _ in range(args.warmup):
         t0 = time.perf_counter()
-        one_step(1 + i)
+        one_epoch()
         warmup_times.append(time.perf_counter() - t0)
-    _log(f"{tag}: first step {first_step_s:.3f}s (loss {loss0:.4f}), warm-up steps "
-         f"{', '.join(f'{t:.3f}s' for t in warmup_times) or '-'}")
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        _, metrics = one_step(1 + args.warmup + i)
-        times.append(time.perf_counter() - t0)
-        if len(times) == 1 or time.perf_counter() - t_start > 60:
-            _log(f"{tag}: step {i + 1}/{args.steps} {times[-1]:.3f}s")
+        metrics = one_epoch()
+        times.append((time.perf_counter() - t0) / args.epoch_steps)
+        if i == 0 or time.perf_counter() - t_start > 60:
+            _log(f"{tag}: epoch call {i + 1}/{args.steps}: {times[-1]:.3f}s per step")
     step_s = statistics.median(times)
-    loss_last = float(np.asarray(jax.device_get(par.metrics(metrics)["total"])))
-    compiled_memory = compiled.memory_analysis()
-    del compiled
-
+    loss_last = float(np.asarray(jax.device_get(metrics["total"]))[0, -1])
+    compile_s = first_s - step_s * args.epoch_steps
+    state_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          dev_state)
+    train_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dev_train.items()}
+    step_temp = _temp_bytes(prog.lower_epoch(state_shapes, train_shapes).compile()
+                            .memory_analysis())
     train_mem = _peak_memory()  # before the evaluation program exists (max RSS only grows)
 
-    # Evaluation forward pass (the jitted function `Evaluator` uses), masks at r = 0.5.
-    _log(f"{tag}: median step {step_s:.4f}s; compiling the evaluation forward pass")
-    predict = make_predict_fn(mcfg)
-    params = par.get_state(dev_state).params
-    ebatch = eval_arrays(data.test, mcfg)
-    keep = eval_keep_masks(data.test, 0.5)
-    eval_key = jax.random.key(0)
+    _log(f"{tag}: median step {step_s:.4f}s; the evaluation (predict program, r = 0.5)")
+    rows = prog.put_rows(data.test.model_arrays(text_encoder, labels=False), 1)
+    keep = prog.put_rows(eval_keep_masks(data.test, 0.5), 1)
+    n_test = data.test.n
     t0 = time.perf_counter()
-    predict_compiled = predict.lower(params, ebatch, keep, eval_key).compile()
-    eval_compile_s = time.perf_counter() - t0
-    eval_flops = _reference_flops(make_predict_fn(mcfg).lower, params, ebatch, keep, eval_key)
+    jax.block_until_ready(prog.predict(dev_state.params, rows, keep, n_test))
+    eval_first_s = time.perf_counter() - t0
     eval_times = []
-    for i in range(args.eval_steps + 1):  # first of these is a warm-up
+    for _ in range(args.eval_steps):
         t0 = time.perf_counter()
-        jax.block_until_ready(predict_compiled(params, ebatch, keep,
-                                               jax.random.fold_in(eval_key, i)))
-        if i:
-            eval_times.append(time.perf_counter() - t0)
+        jax.block_until_ready(prog.predict(dev_state.params, rows, keep, n_test))
+        eval_times.append(time.perf_counter() - t0)
     eval_s = statistics.median(eval_times)
+
+    # FLOPs: the same programs traced without loops (`ModelConfig.loop_free`; XLA's cost analysis
+    # counts a loop body once), one step per epoch call.
+    free = PopulationProgram(mcfg.loop_free(), loss_cfg, tcfg, args.batch_size, 1,
+                             parallel=args.parallel, eval_rows=args.eval_batch_size)
+    one_step = free.put_train({k: v[: args.batch_size] for k, v in
+                               data.train.model_arrays(text_encoder).items()})
+    step_flops = _flops(free.lower_epoch(state_shapes, one_step))
+    eval_flops = _flops(free.lower_predict(dev_state.params, rows, keep))
     mem = _peak_memory()
     row = {
         "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
-        "n_devices": par.n, "batch_size": args.batch_size, "global_batch": gbs,
-        "eval_batch_size": args.eval_batch_size, "n_params": n_params,
-        "init_s": init_s, "compile_s": compile_s, "first_step_s": first_step_s,
-        "step_flops": step_flops,
+        "n_devices": len(prog.devices), "batch_size": args.batch_size,
+        "global_batch": prog.global_batch, "eval_batch_size": args.eval_batch_size,
+        "epoch_steps": args.epoch_steps, "n_params": n_params, "init_s": init_s,
+        "compile_s": compile_s, "first_call_s": first_s, "step_flops": step_flops,
         "step_gflops_per_s": step_flops / step_s / 1e9 if step_flops else None,
         "step_s_median": step_s, "step_s_mean": statistics.fmean(times),
         "step_s_min": min(times), "step_s_max": max(times), "step_times": times,
-        "warmup_times": warmup_times,
-        "steps_per_s": 1.0 / step_s, "samples_per_s": args.batch_size / step_s,
-        "steps_per_epoch": spe, "epoch_s": spe * step_s,
-        "eval_compile_s": eval_compile_s, "eval_batch_s_median": eval_s,
-        "eval_flops": eval_flops,
+        "warmup_times": warmup_times, "steps_per_s": 1.0 / step_s,
+        "samples_per_s": args.batch_size / step_s, "steps_per_epoch": spe,
+        "epoch_s": spe * step_s, "eval_compile_s": eval_first_s - eval_s,
+        "eval_batch_s_median": eval_s, "eval_flops": eval_flops,
         "eval_gflops_per_s": eval_flops / eval_s / 1e9 if eval_flops else None,
-        "eval_samples_per_s": args.eval_batch_size / eval_s,
-        "loss_first": loss0, "loss_last": loss_last,
-        **mem, "train_peak_bytes": train_mem["peak_bytes"],
-        "step_temp_bytes": _temp_bytes(compiled_memory),
+        "eval_samples_per_s": n_test / eval_s, "loss_first": loss0, "loss_last": loss_last,
+        **mem, "train_peak_bytes": train_mem["peak_bytes"], "step_temp_bytes": step_temp,
         "wall_s": time.perf_counter() - t_start, "error": None,
     }
     _log(f"{tag}: done in {row['wall_s']:.0f}s: {row['steps_per_s']:.3f} steps/s, "
          f"{row['epoch_s']:.2f} s/epoch, eval {row['eval_samples_per_s']:.1f} samples/s, "
-         f"{_fmt_mem(row)}")
+         f"{fmt_mem(row)}")
     return row
 
 
@@ -456,7 +356,7 @@ def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
         "wall_s": time.perf_counter() - t_start, "error": None,
     }
     _log(f"{tag}: step {step_s:.3f}s, {row['run_samples_per_s']:.1f} run-samples/s, host "
-         f"{host_s:.2f}s/epoch ({100 * row['host_fraction']:.2f}%), {_fmt_mem(row)}")
+         f"{host_s:.2f}s/epoch ({100 * row['host_fraction']:.2f}%), {fmt_mem(row)}")
     return row
 
 
@@ -536,82 +436,6 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
-
-
-def device_name(env: dict) -> str:
-    if env["platform"] == "cpu":
-        return f"CPU {env.get('cpu_model') or ''} ({env['host_cpus']} cores)".replace("  ", " ")
-    return f"{env['device_kind']} x{env['n_devices']}"
-
-
-def _fmt_mem(row: dict) -> str:
-    if row.get("peak_bytes") is None:
-        return "n/a"
-    return f"{row['peak_bytes'] / 2**30:.2f} GiB ({row['peak_kind']})"
-
-
-def table(rows: list[dict], env: dict) -> str:
-    head = ("| device | model | text encoder | step s | s/epoch | GFLOP/step | GFLOP/s | "
-            "compile s | eval compile s | eval samples/s | peak memory (train / with eval) |")
-    lines = [head, "|" + "---|" * 11]
-    dev = device_name(env)
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"| {dev} | {r['model']} | {r['text_encoder']} | "
-                         f"not measured: {r['error']} |" + " |" * 8)
-            continue
-        gflop = "n/a" if r["step_flops"] is None else f"{r['step_flops'] / 1e9:.0f}"
-        rate = "n/a" if r["step_gflops_per_s"] is None else f"{r['step_gflops_per_s']:.1f}"
-        lines.append(
-            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['step_s_median']:.3f} | "
-            f"{r['epoch_s']:.2f} | {gflop} | {rate} | {r['compile_s']:.1f} | "
-            f"{r['eval_compile_s']:.1f} | {r['eval_samples_per_s']:.1f} | "
-            f"{r['train_peak_bytes'] / 2**30:.2f} / {_fmt_mem(r)} |")
-    return "\n".join(lines)
-
-
-# EASE paper Table 5 (MOSI, one GPU): parameters and seconds per training epoch.
-PAPER_TABLE5 = (("Self-MM", "122M", 42.6), ("LNLN", "116M", 24.0), ("P-RMF", "117M", 18.0),
-                ("EASE", "116M", 7.9))
-
-
-def efficiency_table(rows: list[dict], env: dict) -> str:
-    """Table 5's layout: parameters and seconds per MOSI training epoch (21 steps of 64, no
-    evaluation), the paper's rows (their GPU) beside ours (this device). The paper's models
-    fine-tune BERT: compare with our BERT rows."""
-    lines = ["| model | parameters | s / MOSI epoch | device |", "|---|---|---|---|"]
-    lines += [f"| {name} (paper) | {params} | {sec:.1f} | the paper's GPU |"
-              for name, params, sec in PAPER_TABLE5]
-    for r in rows:
-        if r.get("error") or r.get("population") not in (None, 1):
-            continue
-        lines.append(f"| {r['model'].upper()} ({r['text_encoder']}, ours) | "
-                     f"{r['n_params'] / 1e6:.1f}M | {r['epoch_s']:.1f} | {device_name(env)} |")
-    return "\n".join(lines)
-
-
-def population_table(rows: list[dict], env: dict) -> str:
-    head = ("| device | model | text encoder | runs | step s | run-samples/s | x one run | "
-            "s/epoch (train) | host s/epoch | host % | compile s | peak memory | per run |")
-    lines = [head, "|" + "---|" * 13]
-    dev = device_name(env)
-    single = {(r["model"], r["text_encoder"]): r for r in rows
-              if not r.get("error") and r["population"] == 1}
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"| {dev} | {r['model']} | {r['text_encoder']} | {r['population']} | "
-                         f"not measured: {r['error']} |" + " |" * 8)
-            continue
-        one = single.get((r["model"], r["text_encoder"]))
-        gain = f"{r['run_samples_per_s'] / one['run_samples_per_s']:.2f}" if one else "n/a"
-        per_run = ("n/a" if r["peak_bytes_per_run"] is None
-                   else f"{r['peak_bytes_per_run'] / 2**30:.2f} GiB")
-        lines.append(
-            f"| {dev} | {r['model']} | {r['text_encoder']} | {r['population']} | "
-            f"{r['step_s']:.3f} | {r['run_samples_per_s']:.1f} | {gain} | {r['epoch_s']:.1f} | "
-            f"{r['host_s']:.2f} | {100 * r['host_fraction']:.2f} | {r['compile_s']:.1f} | "
-            f"{_fmt_mem(r)} | {per_run} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> dict | None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ease_jax import diagnostics as D
-from experiments import sweep
+from ease_jax.evaluate import condition_json, condition_label
+from experiments import cli
 
 DEFAULT_RUN = "runs/mosi/ease"
 
@@ -63,30 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    return cli.exit_on_error(_main, argv)
+
+
+def _main(argv) -> dict:
     args = parse_args(argv)
-    try:
-        return _main(args)
-    except D.RunError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _logger() -> logging.Logger:
-    logger = logging.getLogger("ease_jax.predict")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.handlers.clear()
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(sh)
-    return logger
-
-
-def _main(args) -> dict:
-    from experiments.analyze import synthetic_loader
-
     t0 = time.perf_counter()
-    log = _logger().info
-    condition = D.parse_condition(args.condition, allow_none=True)
+    log = cli.logger(None, "ease_jax.predict").info
+    condition = cli.condition(args.condition, allow_none=True)
     run = D.load_run(args.run, model=args.model, variant=args.variant,
                      purpose=f"--model {args.model}")
     seed = run.seeds[0] if args.seed is None else args.seed
@@ -96,17 +79,14 @@ def _main(args) -> dict:
     out = Path(args.out or Path(args.run) / default)
     if out.is_dir():
         raise D.RunError(f"--out {out} is a directory; give a file name such as predictions.csv")
-    import jax
-
-    sweep._enable_compilation_cache(jax)
-    data, data_info = D.load_run_data(run, args.data, synthetic=synthetic_loader(run, log),
-                                      log=log)
+    cli.enable_compilation_cache()
+    data, data_info = D.load_run_data(run, args.data, log=log)
     split = data.split(args.split)
     params, record = D.restore_params(run, seed)
     epoch = record.get("epoch")
     log(f"{run.name} seed {seed} (honest checkpoint, epoch "
         f"{'?' if epoch is None else int(epoch) + 1}) on the {args.split} split of "
-        f"{data.source} ({split.n} samples), condition {D.condition_label(condition)}")
+        f"{data.source} ({split.n} samples), condition {condition_label(condition)}")
     cols = D.prediction_table(run, params, split, condition, batch_size=args.batch_size,
                               progress=not args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +100,7 @@ def _main(args) -> dict:
     log(f"wrote {out}: {split.n} rows, columns {', '.join(cols)}; MAE {metrics['MAE']:.4f}, "
         f"Corr {metrics['Corr']:.4f} against the labels ({seconds:.1f} s)")
     return {"path": str(out), "columns": list(cols), "rows": split.n, "seed": seed,
-            "condition": D.condition_json(condition), "data": data_info, "metrics": metrics,
+            "condition": condition_json(condition), "data": data_info, "metrics": metrics,
             "seconds": seconds}
 
 

@@ -1,4 +1,4 @@
-"""`python -m experiments.sensitivity`: EASE's loss-weight sensitivity (Fig. 7; PROTOCOL.md
+"""`python -m experiments.sensitivity`: EASE's loss-weight sensitivity (Fig. 7; docs/protocol.md
 section 11). Eq. 13 written as L_sp + l1 L_ucmi + l2 (L_uada + 0.02 L_anchor) + l3 (L_cons +
 L_asym); each of l1, l2, l3 varies over {0.05, 0.1, 0.2, 0.5, 1, 2} with the others at the paper's
 optimum (0.5, 0.2, 0.5). Every setting x seed is a run of ONE population (they differ only in
@@ -15,7 +15,7 @@ import argparse
 
 from ease_jax.config import DATASETS
 from ease_jax.studies import SENSITIVITY_VALUES
-from experiments import sweep
+from experiments import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,11 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=DATASETS, default="mosei")
     p.add_argument("--values", default=",".join(f"{v:g}" for v in SENSITIVITY_VALUES),
                    help="comma-separated weight values (default %(default)s)")
-    sweep.add_run_arguments(p, None)
+    cli.add_run_arguments(p, None)
     p.add_argument("--out", default=None,
                    help="output directory (default runs/<dataset>_sensitivity)")
     args = p.parse_args(argv)
-    args.data = args.data or sweep.DEFAULT_DATA[args.dataset]
+    args.data = args.data or cli.DEFAULT_DATA[args.dataset]
     try:
         args.value_list = [float(v) for v in args.values.split(",") if v.strip()]
     except ValueError:
@@ -53,16 +53,16 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     ds = args.dataset
-    out, log, data, is_synthetic = sweep.start_command(args, ds, f"runs/{ds}_sensitivity")
+    out, log, data, is_synthetic = cli.start_command(args, ds, f"runs/{ds}_sensitivity")
     if args.loss_preset != "paper":
         log("sensitivity: using the paper's loss preset (Eq. 13), whose weights the grid varies")
     args.loss_preset = "paper"
-    run, bert_params = sweep.prepare_run(args, ds, data, is_synthetic, "ease", log)
+    run, bert_params = cli.prepare_run(args, ds, data, is_synthetic, "ease", log)
     seeds = list(run.train.seeds)
     runs = sensitivity_runs(run.loss, seeds, args.value_list)
     log(f"sensitivity: {len(runs) // len(seeds)} weight settings x {len(seeds)} seed(s) = "
         f"{len(runs)} runs, one population")
-    records = sweep.train_runs(args, run, data, runs, out, log, bert_params)
+    records = cli.train_runs(args, run, data, runs, out, log, bert_params)
     names = sorted({point_name(point_weights(w, v))
                     for w, v in sensitivity_points(args.value_list)})
     summary = summarize_groups(ds, {n: [records[f"{n}_seed_{s}"] for s in seeds] for n in names})

@@ -62,6 +62,11 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+# The arrays of a split every model step reads (text ids / mask / types are needed in features mode
+# too: they locate the valid text positions of the missingness masks).
+MODEL_KEYS = ("text_ids", "text_mask", "text_types", "audio", "vision", "audio_lengths",
+              "vision_lengths")
+
 @dataclass(frozen=True, eq=False)
 class Split:
     """One validated split. Shapes: N samples, L BERT tokens, T_a / T_v frames.
@@ -108,6 +113,13 @@ class Split:
             labels=self.labels,
         )
         return out
+
+    def model_arrays(self, text_encoder: str, *, labels: bool = True) -> dict[str, np.ndarray]:
+        """The arrays a model step reads in `text_encoder` mode ("bert" | "features"; features
+        mode adds ``text_features``), with ``labels`` unless `labels` is False (evaluation)."""
+        arrays = self.arrays()
+        keys = list(MODEL_KEYS) + (["text_features"] if text_encoder == "features" else [])
+        return {k: arrays[k] for k in keys + (["labels"] if labels else [])}
 
     def take(self, index: Any) -> Split:
         """A new split holding the rows ``index`` (integer array, slice or boolean mask)."""

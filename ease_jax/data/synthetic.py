@@ -56,7 +56,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PRESETS", "synthetic"]
+from ease_jax.data.mmsa import from_raw
+
+__all__ = ["PRESETS", "SMALL", "synthetic", "synthetic_data"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # PROTOCOL.md section 1 shapes; labels in [-label_max, label_max] on the given grids.
@@ -76,6 +78,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label_max": 1.0, "label_grids": (0.2,), "label_grid_probs": (1.0,),
     },
 }
+
+# The sweep's small synthetic data set (the default CPU run without data): few samples and frames.
+SMALL = dict(n_train=384, n_valid=128, n_test=256, text_len=8, audio_len=8, vision_len=8)
+SIZES = ("small", "full")
+
+
+def synthetic_data(dataset: str, size: str = "small", seed: int = 0):
+    """The commands' synthetic stand-in for `dataset` as `MMSAData`: "small" (`SMALL`, the quick
+    default) or "full" (the real data set's sizes and shapes, a speed check for accelerators).
+    Its `source` ("synthetic:<dataset>(seed=0)" / "...(seed=0,full)") is recorded in results.json,
+    from which `diagnostics` rebuilds it."""
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    if size == "full":
+        return from_raw(synthetic(dataset, seed=seed), source=f"synthetic:{dataset}(seed={seed},full)")
+    return from_raw(synthetic(dataset, seed=seed, **SMALL), source=f"synthetic:{dataset}(seed={seed})")
+
 
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 WORD_LOW, WORD_HIGH = 1000, 30000

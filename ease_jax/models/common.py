@@ -8,8 +8,6 @@ text, audio, vision). Modality order everywhere: 0 text (l), 1 audio (a), 2 visi
 
 from __future__ import annotations
 
-import contextlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,23 +38,6 @@ def concat_batches(a: dict, b: dict) -> dict:
 # Row chunks of the encode-once path: the clean and the changed incomplete rows fill the first
 # chunks; the chunks left empty (about a quarter at the protocol's rates) are skipped.
 ENCODE_CHUNKS = 8
-# False: encode both passes in full (the same numbers; the benchmark's loop-free reference
-# program, whose XLA cost analysis counts every FLOP).
-ENCODE_ONCE = True
-
-
-@contextlib.contextmanager
-def encode_once(enabled: bool):
-    """Within the block (at trace time), encode rows once only if `enabled` and `ENCODE_ONCE`:
-    under `vmap` over runs the skipped chunks' `lax.cond` becomes a select that runs both branches,
-    so a population with several runs per device traces its step with this off."""
-    global ENCODE_ONCE
-    saved = ENCODE_ONCE
-    ENCODE_ONCE = saved and enabled
-    try:
-        yield
-    finally:
-        ENCODE_ONCE = saved
 
 
 def encode_rows_once(module: nn.Module, x_inc: jax.Array, x_clean: jax.Array,
@@ -108,7 +89,7 @@ class MultimodalEncoder(nn.Module):
     stop-gradient) and, with `train`, runs with its config's dropout (rng stream "dropout";
     section 5) over the 2B rows of both passes at once, so the two passes draw independent masks.
     The modality encoders (deterministic) encode a row whose two inputs are equal once
-    (`encode_rows_once`).
+    (`encode_rows_once`) when `cfg.encode_once` (the same numbers either way).
     """
 
     cfg: ModelConfig
@@ -123,20 +104,22 @@ class MultimodalEncoder(nn.Module):
         if cfg.text_encoder == "bert":
             from ease_jax.bert import BertModel  # imported lazily: features mode needs no BERT
 
-            text = BertModel(cfg.bert_config(), dtype=cfg.compute_dtype, name="bert")(
+            text = BertModel(cfg.bert_config(), dtype=cfg.compute_dtype,
+                             scan_unroll=cfg.scan_unroll, name="bert")(
                 both["text_ids"], both["text_mask"], both["text_types"], deterministic=not train,
             )
         else:
             text = both["text_features"]
         kw = dict(tokens=cfg.tokens, dim=cfg.dim, depth=cfg.encoder_depth, heads=cfg.heads,
-                  dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dtype=cfg.compute_dtype)
+                  dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dtype=cfg.compute_dtype,
+                  long_sequence=cfg.long_sequence)
         encoders = (ModalityEncoder(cfg.text_len, name="text", **kw),
                     ModalityEncoder(cfg.audio_len, name="audio", **kw),
                     ModalityEncoder(cfg.vision_len, name="vision", **kw))
         sequences = (text, both["audio"], both["vision"])
         if clean is None:
             return jnp.stack([enc(x) for enc, x in zip(encoders, sequences)]), None
-        if self.is_initializing() or not ENCODE_ONCE:  # (init: create the parameters)
+        if self.is_initializing() or not cfg.encode_once:  # (init: create the parameters)
             tokens = jnp.stack([enc(x) for enc, x in zip(encoders, sequences)])
             return tokens[:, :b], tokens[:, b:]
         pairs = [encode_rows_once(enc, x[:b], x[b:]) for enc, x in zip(encoders, sequences)]
