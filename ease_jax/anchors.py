@@ -1,4 +1,4 @@
-"""Class-conditional Gaussian anchors of EASE (PROTOCOL.md section 7; Eq. 8, 24-29).
+"""Class-conditional Gaussian anchors of EASE (docs/protocol.md section 7; Eq. 8, 24-29).
 
 Per modality m and sentiment bin k (y <= -0.1, -0.1 < y <= 0.1, y > 0.1) a diagonal Gaussian
 prior (mean[m, k], var[m, k]) tracks the pooled CLEAN features of that bin by an exponential moving

@@ -37,9 +37,7 @@ Typical use:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -51,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ease_jax.config import BERT_ACTIVATIONS, BertConfig
+from ease_jax.config import BertConfig
 
 __all__ = ["BertConfig", "BertModel", "load_bert", "tokenize"]
 
@@ -196,7 +194,7 @@ class BertModel(nn.Module):
     Dropout (the config's `hidden_dropout_prob` after the embeddings and on both residual branches,
     `attention_probs_dropout_prob` on the attention probabilities) is applied only when
     `deterministic=False` and then needs a "dropout" rng. The papers' code fine-tunes BERT in train
-    mode, so training uses the checkpoint's rates (0.1) and evaluation none (PROTOCOL.md section 5).
+    mode, so training uses the checkpoint's rates (0.1) and evaluation none (docs/protocol.md section 5).
     """
 
     config: BertConfig

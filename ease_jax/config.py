@@ -108,7 +108,7 @@ class BertConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes of EASE / LNLN (PROTOCOL.md sections 5, 6, 8).
+    """Shapes of EASE / LNLN (docs/protocol.md sections 5, 6, 8).
 
     `text_len` is the token length L (BERT mode) or the feature length L_f (features mode);
     `text_dim` is BERT's hidden width (BERT mode) or the feature width D_t (features mode).
@@ -150,6 +150,8 @@ class ModelConfig:
     # Encode a row whose incomplete input equals its clean input once (`models.common`); off when
     # runs are vmapped together (`lax.cond` would become a select running both branches).
     encode_once: bool = True
+    # Row chunks of the encode-once path (`models.common.encode_rows_once`).
+    encode_chunks: int = 8
     # Query lengths above this use the blockwise attention (`layers.multi_head_attention`).
     long_sequence: int = 128
     # BERT layers per iteration of its layer scan: 1 = one layer compiled once; 0 = all (no loop).
@@ -168,7 +170,7 @@ class ModelConfig:
         if self.bert_dropout is not None and not 0.0 <= self.bert_dropout < 1.0:
             raise ValueError(f"ModelConfig.bert_dropout must be in [0, 1), got {self.bert_dropout}")
         for name in ("text_len", "text_dim", "audio_len", "audio_dim", "vision_len", "vision_dim",
-                     "long_sequence"):
+                     "long_sequence", "encode_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.scan_unroll < 0:
@@ -255,7 +257,7 @@ LOSS_WEIGHTS = ("sp", "ucmi", "uada", "anchor", "cons", "asym", "cc", "adv", "re
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (PROTOCOL.md section 9)."""
+    """Optimisation (docs/protocol.md section 9)."""
 
     epochs: int = 200
     batch_size: int = 64
@@ -283,7 +285,7 @@ SYNTHETIC_SMALL_MODEL = dict(dim=64, heads=4, dim_head=16, mlp_dim=64)
 SYNTHETIC_SMALL_TRAIN = dict(epochs=24, warmup_epochs=3, lr=1e-3, seeds=(1111,))
 
 
-# Data-set shapes (PROTOCOL.md section 1, MMSA unaligned files).
+# Data-set shapes (docs/protocol.md section 1, MMSA unaligned files).
 DATASET_DIMS = {
     "mosi": dict(text_len=50, audio_len=375, audio_dim=5, vision_len=500, vision_dim=20),
     "mosei": dict(text_len=50, audio_len=500, audio_dim=74, vision_len=500, vision_dim=35),

@@ -1,6 +1,6 @@
 """Trained runs applied to data: load a sweep's run directory, run its honest checkpoints over a
 split under a missingness condition, and compute the papers' analyses of the outputs
-(PROTOCOL.md section 11; the `analyze` and `predict` commands are thin layers over this module).
+(docs/protocol.md section 11; the `analyze` and `predict` commands are thin layers over this module).
 
 A run directory is what a sweep writes for one model (`runs/mosi_ease`, or `runs/mosi/ease` for
 the two-model default): `results.json` (data source and sha256, the configs, the seeds) and per
@@ -487,7 +487,7 @@ def analyze_run(run: RunInfo, data, *, split: str = "test", condition=("rate", 0
                 alpha: float | None = None, batch_size: int = 256, progress: bool = False,
                 log: Callable = print, seeds: Sequence[int] | None = None) -> dict:
     """The papers' analyses of `run` (every seed's honest checkpoint) on `data.<split>` under
-    `condition` (PROTOCOL.md section 11).
+    `condition` (docs/protocol.md section 11).
 
     * consistency (every model): predictions from the observed full input (every valid position
       kept) vs from the completed input under `condition`: `prediction_consistency`.

@@ -17,8 +17,6 @@ import math
 import numpy as np
 
 from ease_jax.data.missing import (
-    INTER_MODAL_SUBSETS,
-    apply_keep_masks,
     burst_keep_masks,
     eval_keep_masks,
     inter_modal_keep_masks,

@@ -1,5 +1,5 @@
 """The fit loop: a population of runs trained epoch by epoch with checkpoint selection, resume and
-the full robustness protocol at the end (PROTOCOL.md sections 4 and 9).
+the full robustness protocol at the end (docs/protocol.md sections 4 and 9).
 
 Per epoch the host makes two device calls (`PopulationProgram.train_epoch` for every run, then
 `predict` of every run on valid + test at r = `eval_rate`), fetches their results, and does the
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ease_jax import checkpoint
+from ease_jax import checkpoint, distributed
 from ease_jax.config import RunConfig
 from ease_jax.data.missing import INTER_MODAL_SUBSETS
 from ease_jax.evaluate import RATES, MaskBank, Selector, condition_name
@@ -78,7 +78,7 @@ def protocol_results(prog: PopulationProgram, split, dataset: str, params_list: 
         dev_params = prog.put_params(members + [members[-1]] * (group - len(members)))
         for section, kind, value in conditions:
             keep = prog.put_rows(masks.get(kind, value), group)
-            preds = np.asarray(jax.device_get(prog.predict(dev_params, rows, keep, split.n)))
+            preds = distributed.fetch(prog.predict(dev_params, rows, keep, split.n))
             name = value if kind == "subset" else condition_name("rate", value)
             for j in range(len(members)):
                 out[start + j][section][name] = regression_metrics(preds[j], split.labels, dataset)
@@ -119,8 +119,8 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
     epochs = run_cfg.train.epochs
     desc = f"{run_cfg.model.model} {fit.labels[0]}" + (
         f" +{len(fit.runs) - 1} runs" if len(fit.runs) > 1 else "")
-    bar = tqdm(range(first, epochs), desc=desc, unit="epoch", disable=not progress,
-               initial=first, total=epochs)
+    bar = tqdm(range(first, epochs), desc=desc, unit="epoch",
+               disable=not (progress and distributed.is_primary()), initial=first, total=epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         metrics, preds, t1 = fit.train(epoch)
@@ -184,9 +184,9 @@ class _PopulationFit:
                              f"{self.labels}: resume with the same runs (and --population) as "
                              "the interrupted job")
         self.records = saved["records"]
-        for sel, rec, d in zip(self.selectors, self.records, self.run_dirs):
+        for sel, rec in zip(self.selectors, self.records):
             sel.load_state_dict(rec["selection"])
-            _prune_selected(d / "selected", _kept(sel))  # epochs past the checkpoint go
+        self._prune()  # epochs past the checkpoint go
         self.log(f"{', '.join(self.labels)}: resumed after epoch {self.records[0]['epoch'] + 1} "
                  f"from {self.latest}")
         return host_state
@@ -198,8 +198,10 @@ class _PopulationFit:
         if stale:
             self.log(f"{', '.join(self.labels)}: starting afresh; removing "
                      f"{', '.join(map(str, stale))}")
-            for p in stale:
-                shutil.rmtree(p, ignore_errors=True)
+            if distributed.is_primary():  # one shared directory: one process deletes
+                for p in stale:
+                    shutil.rmtree(p, ignore_errors=True)
+        distributed.barrier("fit: stale files removed")
 
     def train(self, epoch: int):
         """One epoch of every run and the selection predictions: (metrics {name: [P, steps]},
@@ -207,9 +209,9 @@ class _PopulationFit:
         n_sel = self.data.valid.n + self.data.test.n
         self.dev_state, metrics = self.prog.train_epoch(self.dev_state, self.dev_train)
         preds = self.prog.predict(self.dev_state.params, self.sel_rows, self.sel_keep, n_sel)
-        metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # [P, steps]
+        metrics = distributed.fetch(metrics)  # {name: [P, steps]}, on every process
         t_metrics = time.perf_counter()
-        preds = np.asarray(jax.device_get(preds))
+        preds = distributed.fetch(preds)
         _check_finite(metrics, self.runs, epoch * self.prog.steps)
         return metrics, preds, t_metrics
 
@@ -260,9 +262,15 @@ class _PopulationFit:
             self.pending[i].clear()
         checkpoint.save(self.latest, epoch, self.prog.get_state(self.dev_state),
                         {"epoch": epoch, "runs": self.labels, "records": self.records})
-        for sel, d in zip(self.selectors, self.run_dirs):
-            _prune_selected(d / "selected", _kept(sel))
+        self._prune()
         self.last_save = time.perf_counter()
+
+    def _prune(self) -> None:
+        """Drop the saved epochs no criterion selects any more (one process deletes)."""
+        if distributed.is_primary():
+            for sel, d in zip(self.selectors, self.run_dirs):
+                _prune_selected(d / "selected", _kept(sel))
+        distributed.barrier("fit: selected epochs pruned")
 
     def add_seconds(self, *, train_s: float, eval_s: float, host_s: float) -> None:
         n_runs = len(self.runs)

@@ -1,4 +1,4 @@
-"""Flax Linen building blocks shared by EASE and LNLN (PROTOCOL.md sections 5, 6, 8).
+"""Flax Linen building blocks shared by EASE and LNLN (docs/protocol.md sections 5, 6, 8).
 
 Shapes: B batch, T sequence length, d model width (128), H heads, K tokens per modality (8).
 

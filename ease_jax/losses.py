@@ -22,6 +22,8 @@ Public functions (shapes in brackets; `...` = leading axes that broadcast agains
   full-to-subset distillation, regression (Eq. 11).
 - `consistency_kl(logits, weight, *, symmetric)`: `[V, B, C] -> []`, KL form of Eq. 10.
 - `distillation_kl(view_logits, full_logits, weight)`: `[V, B, C], [B, C] -> []`, KL form of Eq. 11.
+- `weighted_mean(per_example_loss, weight)`: `[B], [B] -> []`, the batch mean every per-sample
+  term uses (Eq. 4, 8, 10, 11), zero-weight (padding) rows excluded.
 
 Batch-wise losses take an optional per-sample `weight` of shape `[B]` (the training engine pads
 batches with zero-weight rows). With weights, "mean over the batch" is
@@ -119,8 +121,27 @@ def _broadcast_leading(arrays: Sequence[jax.Array], core_ndims: Sequence[int]) -
             for a, k in zip(arrays, core_ndims, strict=True)]
 
 
-def weighted_mean(per_example_loss: jax.Array, weight: jax.Array | None) -> jax.Array:
-    """Plain mean over [B], or sum(w * l) / max(sum(w), tiny) when weights are given: [B] -> []."""
+def weighted_mean(per_example_loss: ArrayLike, weight: ArrayLike | None = None) -> jax.Array:
+    """The batch mean of a per-sample loss, with optional per-sample weights: the "mean over the
+    batch" of every per-sample term (Eq. 4, 8, 10, 11 and L_sp).
+
+        mean = sum_b w_b l_b / max(sum_b w_b, tiny)     (plain mean when `weight` is None)
+
+    Zero-weight rows (batch padding) contribute nothing, even when they hold non-finite values.
+
+    Args:
+      per_example_loss: `[B]` the loss of each sample.
+      weight: optional `[B]` non-negative weights (1 real row, 0 padding).
+
+    Returns:
+      `[]` the weighted mean.
+    """
+    per_example_loss = jnp.asarray(per_example_loss)
+    if per_example_loss.ndim != 1:
+        raise ValueError(f"per_example_loss: expected [B], got shape {per_example_loss.shape}")
+    if weight is not None and jnp.shape(weight) != per_example_loss.shape:
+        raise ValueError(f"weight: expected shape {per_example_loss.shape}, got "
+                         f"{jnp.shape(weight)}")
     if weight is None:
         return jnp.mean(per_example_loss)
     weight = _as_float(weight)

@@ -1,4 +1,4 @@
-"""MMSA-exact regression metrics (PROTOCOL.md section 3; MMSA ``metricsTop``).
+"""MMSA-exact regression metrics (docs/protocol.md section 3; MMSA ``metricsTop``).
 
 MOSI / MOSEI, with p = predictions and y = labels (flattened):
 

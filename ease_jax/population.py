@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ease_jax import distributed
 from ease_jax.config import LOSS_WEIGHTS, LossConfig, ModelConfig, RunConfig, TrainConfig, replace
 from ease_jax.train import (
     AXIS,
@@ -55,7 +56,7 @@ from ease_jax.train import (
     steps_per_epoch,
 )
 
-RUNS = "runs"
+RUNS = distributed.RUNS
 EVAL_ROWS = 256  # rows per evaluation batch, summed over the runs evaluated together
 
 
@@ -131,18 +132,7 @@ def init_population(model_cfg: ModelConfig, train_cfg: TrainConfig, base_loss: L
     return stack(states)
 
 
-def mesh_shape(n_runs: int, n_devices: int, parallel: str, run_devices: int | None = None):
-    """(R, D): devices along "runs" and "data". pmap: R = 1; shard_map: `run_devices` or
-    gcd(P, devices)."""
-    if parallel == "pmap":
-        if run_devices not in (None, 1):
-            raise ValueError("pmap maps the devices onto 'data' only: run_devices must be 1")
-        return 1, n_devices
-    r = math.gcd(n_runs, n_devices) if run_devices is None else run_devices
-    if r < 1 or n_devices % r or n_runs % r:
-        raise ValueError(f"run_devices={r} must divide both the device count {n_devices} and "
-                         f"the number of runs {n_runs}")
-    return r, n_devices // r
+mesh_shape = distributed.mesh_shape
 
 
 class PopulationProgram:
@@ -167,13 +157,15 @@ class PopulationProgram:
             raise ValueError(f"run_batch must be >= 1, got {run_batch}")
         self.model_cfg, self.train_cfg, self.parallel = model_cfg, train_cfg, parallel
         self.n_train, self.n_runs, self.eval_rows = n_train, n_runs, eval_rows
-        self.devices = list(devices or jax.local_devices())
-        self.r, self.d = mesh_shape(n_runs, len(self.devices), parallel, run_devices)
+        self.devices = list(devices or distributed.global_devices())
+        n_processes = len({d.process_index for d in self.devices})
+        self.r, self.d = mesh_shape(n_runs, len(self.devices), parallel, run_devices,
+                                    n_processes)
         local = n_runs // self.r
         self.run_batch = min(run_batch or default_run_batch(self.devices, local), local)
         self.steps = steps_per_epoch(n_train, train_cfg.batch_size)
         self.global_batch = global_batch_size(train_cfg.batch_size, self.d)
-        self.mesh = Mesh(np.array(self.devices).reshape(self.r, self.d), (RUNS, AXIS))
+        self.mesh = distributed.build_mesh(self.devices, self.r, self.d)
         self.traces = {"epoch": 0, "predict": 0}
         # Vmapped runs encode both passes in full: under vmap the encode-once `lax.cond` would
         # become a select that runs both branches (the same numbers either way).
@@ -240,22 +232,22 @@ class PopulationProgram:
             n = len(self.devices)
             return jax.tree_util.tree_map(
                 lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        return distributed.put(tree, NamedSharding(self.mesh, P()))
 
     def put_state(self, state: TrainState):
         """Host stacked state (or any tree with a leading run axis) -> the devices."""
         host = jax.device_get(state)
         if self.parallel == "pmap":
             return self._replicate(host)
-        return jax.device_put(host, NamedSharding(self.mesh, P(RUNS)))
+        return distributed.put(host, NamedSharding(self.mesh, P(RUNS)))
 
     def get_state(self, state):
-        """Device state -> one host copy with the leading run axis."""
+        """Device state -> one host copy with the leading run axis (on every process)."""
         if self.parallel == "pmap":
             shards = jax.device_get(
                 jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, state))
             return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), shards)
-        return jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+        return distributed.fetch(state)
 
     def put_train(self, arrays: dict) -> dict:
         """The training split's arrays (`train.model_arrays`) placed on every device once."""
@@ -281,7 +273,7 @@ class PopulationProgram:
         for k, v in arrays.items():
             v = np.asarray(v)
             v = np.concatenate([v, np.zeros((total - n, *v.shape[1:]), v.dtype)]) if total > n else v
-            out[k] = jax.device_put(v.reshape(self.d, nb, bs, *v.shape[1:]), sharding)
+            out[k] = distributed.put(v.reshape(self.d, nb, bs, *v.shape[1:]), sharding)
         return out
 
     def put_params(self, params_list: Sequence[Any]):

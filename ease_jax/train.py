@@ -68,7 +68,7 @@ def run_hparams(loss_cfg: LossConfig, lr: float) -> dict:
 def epoch_lr(epoch: jax.Array, base_lr: float, warmup: int, total: int) -> jax.Array:
     """Learning rate of 0-based `epoch` e, exactly as the released code steps
     `GradualWarmupScheduler(multiplier=1, total_epoch=W)` + `CosineAnnealingLR(T_max=total - W)`
-    (PROTOCOL.md section 9): `base * e / W` for e <= W, then
+    (docs/protocol.md section 9): `base * e / W` for e <= W, then
     `base * 0.5 * (1 + cos(pi * (e - W - 1) / (total - W)))`. So epoch 0 runs at lr 0, the
     1-based epochs W + 1 and W + 2 both run at the base lr, and with W = 20, total = 200 the last
     epoch runs at 3.05e-4 * base. `warmup = 0` starts the cosine at e = 0 (no warm-up)."""

@@ -67,8 +67,9 @@ def main(argv=None) -> dict:
                              change=ABLATIONS[v])
                      for v, summary in summarize_groups(ds, groups, reference="EASE").items()},
     }
-    report.write_outputs(out, "ablation", results, report.ablation_markdown(results, label),
-                         lambda path: report.plot_ablation(results, path, label), log)
+    if cli.is_primary():  # with several processes, process 0 writes the reports
+        report.write_outputs(out, "ablation", results, report.ablation_markdown(results, label),
+                             lambda path: report.plot_ablation(results, path, label), log)
     return results
 
 

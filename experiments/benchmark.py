@@ -1,53 +1,40 @@
-"""`python -m experiments.benchmark --help`: speed and memory of EASE / LNLN at full MOSI shapes.
+"""`python -m experiments.benchmark --help`: speed and memory of EASE / LNLN at full MOSI shapes,
+measured on the programs the fit loop runs (`ease_jax.population.PopulationProgram`).
 
-For every (model, text encoder) pair this measures, on the default JAX backend:
+For every (model, text encoder) pair, a population of one run:
 
-* compile s: `lower(...).compile()` of the project's real train step
-  (`ParallelStep(make_train_step(...))`, pmap or shard_map over all local devices), nothing run;
-* step s, steps/s and samples/s: the median of `--steps` timed steps after the first and
-  `--warmup` untimed ones, each blocked with `jax.block_until_ready`; host batches are passed as
-  the fit loop passes them, so the host-to-device copy of the batch is part of the step;
-* GFLOP/step and GFLOP/s: the step's FLOPs from XLA's cost analysis (one device's program) of
-  the same step traced without loops (`loop_free_program`: XLA counts a loop body once), over
-  the median step time; the encode-once path skips about a quarter of the encoder work and the
-  blockwise attention recomputes its weights, so this is the algorithm's work per second
-  ("effective" GFLOP/s), comparable across implementations; the machine's peak is the bound;
-* s/epoch: a MOSI epoch is 1284 training samples = 21 steps of 64 (the last one padded), so
-  21 x the median step (evaluation excluded);
-* eval compile s, eval samples/s: the jitted evaluation forward pass (`make_predict_fn`, masks at
-  r = 0.5) on batches of `--eval-batch-size` (256, as `Evaluator`), compiled ahead of time, then the
-  median of timed calls (its FLOPs are in the JSON);
+* step s, steps/s, samples/s: the epoch program (`train_epoch`: a `lax.scan` over
+  `--epoch-steps` steps with on-device data order and masks) called `--steps` times after the
+  first (compiling) call and `--warmup` untimed ones; the median call / steps per call;
+* compile s: the epoch program's ahead-of-time `lower(...).compile()` (nothing runs);
+* GFLOP/step and GFLOP/s: XLA's cost analysis of the same programs traced without loops
+  (`ModelConfig.loop_free`: XLA counts a loop body once whatever its trip count), over the median
+  step time; the encode-once path skips about a quarter of the encoder work and the blockwise
+  attention recomputes its weights, so this is the algorithm's work per second ("effective"
+  GFLOP/s), comparable across implementations;
+* s/epoch: a MOSI epoch is 1284 training samples = 21 steps of 64 (the last one padded);
+* eval samples/s: the predict program (selection and the final protocol), masks at r = 0.5, on
+  `--eval-batch-size` test rows per call;
 * peak memory: `memory_stats()["peak_bytes_in_use"]` of device 0 where the backend reports it,
-  else the worker process's max RSS (`resource.getrusage`), labelled as such; the JSON adds the
-  peak before the evaluation program exists (`train_peak_bytes`) and XLA's temporary buffers of
-  the compiled train step (`step_temp_bytes`).
+  else the worker process's max RSS, labelled as such; the JSON adds the peak before the
+  evaluation ran (`train_peak_bytes`) and XLA's temporaries of the epoch program.
 
-With `--population 1,3,9` it measures instead the population engine as the fit loop runs it
-(`ease_jax.fit.fit_population`: P runs vmapped in one program, one device call per epoch), one
-worker per (model, text encoder, P): two epochs on a training split of `--epoch-steps` batches
-(valid / test 32 rows each, no final protocol); the second epoch is timed. step s = its train call
-/ steps; run-samples/s = P x batch / step s; compile s = first epoch's train call - the second's;
-host s/epoch = the loop's bookkeeping outside the device calls (selection, log, one checkpoint of
-the whole population); host % = host s / (host s + 21 steps); peak memory of the worker, total and
-per run (/ P).
+With `--population 1,3,9` it measures the whole fit loop (`ease_jax.fit.fit_population`) with P
+runs per program, one worker per (model, text encoder, P): two epochs on a training split of
+`--epoch-steps` batches (valid / test 32 rows each, no final protocol); the second is timed.
+run-samples/s = P x batch / step s; host s/epoch = the loop's bookkeeping outside the device
+calls; host % = host s / (host s + 21 steps).
 
-Data are synthetic MOSI (`ease_jax.data.synthetic`) with the real sequence lengths and widths
-(L = 50, T_a x D_a = 375 x 5, T_v x D_v = 500 x 20, text features 768); BERT mode uses a randomly
-initialised bert-base-uncased (speed does not depend on the weights; `--init shapes`, the default,
-fills the parameter tree from `jax.eval_shape` instead of compiling `init_params`). Every
-configuration runs in its own worker process (unless `--no-isolate`), so compile caches and peak
-memory do not leak from one configuration to the next. In pmap mode the state is committed to the
-devices before the first call; otherwise JAX 0.10 compiles the step a second time on the second
-call (host inputs first, committed pmap outputs after).
-
-Writes a Markdown table to stdout and JSON (settings, jax version, device kind, one row per
-configuration; rewritten after every configuration) to `--out`.
+Data are synthetic MOSI (`ease_jax.data.synthetic`) with the real sequence lengths and widths;
+BERT mode uses a randomly initialised bert-base-uncased (`models.placeholder_params` unless
+`--init flax`). Every configuration runs in its own worker process (unless `--no-isolate`), so
+compile caches and peak memory do not leak between configurations. Writes a Markdown table
+(`ease_jax.report.benchmark`) to stdout and JSON to `--out`, rewritten after every configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -60,7 +47,15 @@ import tempfile
 import time
 from pathlib import Path
 
-MOSI_TRAIN = 1284  # training samples of MOSI (PROTOCOL.md section 1)
+from ease_jax.report.benchmark import (
+    device_name,
+    efficiency_table,
+    fmt_mem,
+    population_table,
+    table,
+)
+
+MOSI_TRAIN = 1284  # training samples of MOSI (docs/protocol.md section 1)
 DATASET = "mosi"
 
 
@@ -74,14 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated: bert (random bert-base-uncased, fine-tuned) and/or "
                         "features (precomputed 768-d text features)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per configuration (default 20; 3 with --quick)")
+                   help="timed calls of the epoch program per configuration (default 20; 3 with "
+                        "--quick)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps after the first (compiling) call (default 3; 1 with --quick)")
+                   help="untimed calls after the first (compiling) one (default 3; 1 with --quick)")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="timed evaluation batches (default 10; 3 with --quick)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
     p.add_argument("--eval-batch-size", type=int, default=256,
-                   help="evaluation batch (default 256, as ease_jax.evaluate.Evaluator)")
+                   help="evaluation rows per predict call (default 256, as the fit loop)")
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="matmul precision of the model (bf16: for GPUs)")
@@ -93,12 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "depend on the values), 'flax' = jax.jit(init_params) (slow to compile)")
     p.add_argument("--population", default=None,
                    help="comma-separated run counts (e.g. 1,3,9): measure the population engine "
-                        "(runs per program) instead of the single step")
+                        "(the fit loop with P runs per program) instead of one run's programs")
     p.add_argument("--run-batch", type=int, default=None,
                    help="--population: runs vmapped together (default: all on an accelerator, "
                         "one at a time on a CPU)")
-    p.add_argument("--epoch-steps", type=int, default=2,
-                   help="--population: training steps per timed epoch (default 2)")
+    p.add_argument("--epoch-steps", type=int, default=None,
+                   help="training steps per epoch call (default 1; 2 with --population)")
     p.add_argument("--out", default="runs/benchmark.json", help="JSON output path")
     p.add_argument("--quick", action="store_true", help="few steps (3 timed, 1 warm-up)")
     p.add_argument("--timeout", type=float, default=None,
@@ -111,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.eval_steps = args.eval_steps if args.eval_steps is not None else (3 if args.quick else 10)
+    if args.epoch_steps is None:
+        args.epoch_steps = 2 if args.population else 1
     args.model_list = _choices(args.models, ("ease", "lnln"), "--models")
     args.encoder_list = _choices(args.text_encoders, ("bert", "features"), "--text-encoders")
     try:
@@ -146,16 +144,12 @@ def _flops(compiled) -> float | None:
     the backend gives none). For a pmap program this is one device's share."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 -- not every backend implements it
+    except Exception:
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
-
-
-def _fmt_flops(flops: float | None) -> str:
-    return "FLOPs n/a" if flops is None else f"{flops / 1e9:.1f} GFLOP"
 
 
 def _temp_bytes(memory_analysis) -> int | None:
@@ -180,6 +174,19 @@ def _peak_memory() -> dict:
     return {"peak_bytes": int(rss_bytes), "peak_kind": "process max RSS", "bytes_limit": None}
 
 
+def _params(mcfg, how: str):
+    """"flax": `jax.jit(init_params)` (compiles the whole forward pass, about as long as the train
+    step); "shapes": `models.placeholder_params` (same tree, shapes and dtypes; speed does not
+    depend on the values)."""
+    import jax
+
+    from ease_jax.models import init_params, placeholder_params
+
+    if how == "flax":
+        return jax.jit(lambda k: init_params(mcfg, k))(jax.random.key(0))
+    return placeholder_params(mcfg)
+
+
 def run_config(model: str, text_encoder: str, args) -> dict:
     """Measure one (model, text encoder) pair on the fit loop's own programs
     (`population.PopulationProgram` of one run: the epoch program and the predict program);
@@ -191,7 +198,6 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     from ease_jax.data.missing import eval_keep_masks
     from ease_jax.data.mmsa import from_raw
     from ease_jax.data.synthetic import synthetic
-    from ease_jax.models import init_params, placeholder_params
     from ease_jax.population import PopulationProgram, stack
     from ease_jax.train import create_state, steps_per_epoch
 
@@ -214,8 +220,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     _log(f"{tag}: initialising parameters ({len(prog.devices)} {jax.devices()[0].platform} "
          f"device(s), {args.parallel})")
     t0 = time.perf_counter()
-    params = (jax.jit(lambda k: init_params(mcfg, k))(jax.random.key(0)) if args.init == "flax"
-              else placeholder_params(mcfg))
+    params = _params(mcfg, args.init)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     host_state = stack([jax.device_get(create_state(mcfg, tcfg, 1111, spe, params=params,
                                                     loss_cfg=loss_cfg))])
@@ -226,15 +231,20 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     _log(f"{tag}: {n_params:,} parameters, init {init_s:.1f}s; compiling the epoch program "
          f"({args.epoch_steps} step(s) per call)")
 
+    # Compile ahead of time (nothing runs), so compile time is its own figure and XLA's memory
+    # analysis describes exactly the program that is timed (the epoch program `train_epoch` calls).
+    t0 = time.perf_counter()
+    compiled = prog.lower_epoch(dev_state, dev_train).compile()
+    compile_s = time.perf_counter() - t0
+
     def one_epoch():
         nonlocal dev_state
-        dev_state, metrics = prog.train_epoch(dev_state, dev_train)
-        return jax.block_until_ready(metrics)
+        dev_state, metrics = compiled(dev_state, dev_train)
+        return np.asarray(jax.device_get(metrics["total"])).reshape(-1)  # [steps] of the run
 
     t0 = time.perf_counter()
-    metrics = one_epoch()  # traces and compiles
+    loss0 = float(one_epoch()[0])
     first_s = time.perf_counter() - t0
-    loss0 = float(np.asarray(jax.device_get(metrics["total"]))[0, 0])
     warmup_times = []
     for _ in range(args.warmup):
         t0 = time.perf_counter()
@@ -243,18 +253,13 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        metrics = one_epoch()
+        losses = one_epoch()
         times.append((time.perf_counter() - t0) / args.epoch_steps)
         if i == 0 or time.perf_counter() - t_start > 60:
             _log(f"{tag}: epoch call {i + 1}/{args.steps}: {times[-1]:.3f}s per step")
     step_s = statistics.median(times)
-    loss_last = float(np.asarray(jax.device_get(metrics["total"]))[0, -1])
-    compile_s = first_s - step_s * args.epoch_steps
-    state_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          dev_state)
-    train_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dev_train.items()}
-    step_temp = _temp_bytes(prog.lower_epoch(state_shapes, train_shapes).compile()
-                            .memory_analysis())
+    loss_last = float(losses[-1])
+    step_temp = _temp_bytes(compiled.memory_analysis())
     train_mem = _peak_memory()  # before the evaluation program exists (max RSS only grows)
 
     _log(f"{tag}: median step {step_s:.4f}s; the evaluation (predict program, r = 0.5)")
@@ -277,7 +282,7 @@ def run_config(model: str, text_encoder: str, args) -> dict:
                              parallel=args.parallel, eval_rows=args.eval_batch_size)
     one_step = free.put_train({k: v[: args.batch_size] for k, v in
                                data.train.model_arrays(text_encoder).items()})
-    step_flops = _flops(free.lower_epoch(state_shapes, one_step))
+    step_flops = _flops(free.lower_epoch(dev_state, one_step))
     eval_flops = _flops(free.lower_predict(dev_state.params, rows, keep))
     mem = _peak_memory()
     row = {
@@ -285,7 +290,8 @@ def run_config(model: str, text_encoder: str, args) -> dict:
         "n_devices": len(prog.devices), "batch_size": args.batch_size,
         "global_batch": prog.global_batch, "eval_batch_size": args.eval_batch_size,
         "epoch_steps": args.epoch_steps, "n_params": n_params, "init_s": init_s,
-        "compile_s": compile_s, "first_call_s": first_s, "step_flops": step_flops,
+        "compile_s": compile_s, "first_step_s": first_s / args.epoch_steps,
+        "step_flops": step_flops,
         "step_gflops_per_s": step_flops / step_s / 1e9 if step_flops else None,
         "step_s_median": step_s, "step_s_mean": statistics.fmean(times),
         "step_s_min": min(times), "step_s_max": max(times), "step_times": times,
@@ -326,7 +332,7 @@ def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
     data = from_raw(raw, source="synthetic:mosi(seed=0)")
     _log(f"{tag}: initialising parameters ({jax.local_device_count()} "
          f"{jax.devices()[0].platform} device(s), {args.parallel})")
-    params = make_params(mcfg, args.init)
+    params = _params(mcfg, args.init)
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     runs = [Run(1111 + i) for i in range(n_runs)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,7 +474,7 @@ def main(argv=None) -> dict | None:
             try:
                 row = (run_config(model, enc, args) if n_runs is None
                        else run_population(model, enc, n_runs, args))
-            except Exception as exc:  # noqa: BLE001 -- keep measuring the other configurations
+            except Exception as exc:
                 row = _failed_row(model, enc, args, f"{type(exc).__name__}: {exc}", n_runs)
         else:
             row = _run_isolated(model, enc, args, n_runs)

@@ -49,7 +49,9 @@ def add_run_arguments(p: argparse.ArgumentParser, dataset: str | None) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="matmul precision: bf16 = bfloat16 matmuls with float32 parameters, "
                         "softmax, normalisation and losses (for GPUs; default fp32)")
-    p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
+    p.add_argument("--parallel", choices=("pmap", "shard_map"), default=None,
+                   help="pmap (default in one process) or shard_map (the only path with "
+                        "several processes, and their default)")
     p.add_argument("--population", type=population_arg, default=None,
                    help="how many runs share one compiled program: N, or auto (as many as the "
                         "device memory holds, from the compiled program's footprint); default "
@@ -59,6 +61,17 @@ def add_run_arguments(p: argparse.ArgumentParser, dataset: str | None) -> None:
                         "epoch); 0 = every epoch (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("many processes (README \"Many machines\")")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a jax.distributed job: with the three options below, or detected "
+                        "from the cluster environment (SLURM, Open MPI, ...) without them")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index")
+    g.add_argument("--distributed-timeout", type=int, default=120,
+                   help="seconds to wait for the coordinator and the peers at start-up, and "
+                        "(a quarter of it, at least 10) for a silent peer before the job stops "
+                        "(default %(default)s)")
 
 
 def population_arg(text: str):
@@ -84,8 +97,9 @@ def model_list(text: str) -> tuple[str, ...]:
     return models
 
 
-def logger(path: Path | None, name: str = "ease_jax") -> logging.Logger:
-    """A logger writing plain lines to stderr and, with `path`, time-stamped lines to that file."""
+def logger(path: Path | None, name: str = "ease_jax", stderr: bool = True) -> logging.Logger:
+    """A logger writing plain lines to stderr (unless `stderr` is False) and, with `path`,
+    time-stamped lines to that file."""
     log = logging.getLogger(name)
     log.setLevel(logging.INFO)
     log.propagate = False  # libraries that configure the root logger would print twice
@@ -94,10 +108,31 @@ def logger(path: Path | None, name: str = "ease_jax") -> logging.Logger:
         fh = logging.FileHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(sh)
+    if stderr:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(sh)
     return log
+
+
+def start_distributed(args) -> None:
+    """With --distributed, join the job (before any other JAX call) and settle --parallel:
+    shard_map with several processes (pmap is single-process), pmap otherwise by default."""
+    from ease_jax import distributed
+
+    if getattr(args, "distributed", False):
+        timeout = args.distributed_timeout
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   timeout_s=timeout, heartbeat_timeout_s=max(10, timeout // 4))
+        except distributed.DistributedError as e:
+            raise SystemExit(f"error: {e}") from None
+    several = distributed.process_count() > 1 if getattr(args, "distributed", False) else False
+    if getattr(args, "parallel", "pmap") is None:
+        args.parallel = "shard_map" if several else "pmap"
+    elif args.parallel == "pmap" and several:
+        raise SystemExit("error: --parallel pmap runs in one process; with several processes "
+                         "use --parallel shard_map (the default there)")
 
 
 def enable_compilation_cache() -> None:
@@ -190,13 +225,28 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
 def start_command(args, dataset: str, default_out: str):
     """The start every training command shares: the output directory (--out or `default_out`),
     its run.log logger, the persistent compilation cache, and the data (or the synthetic
-    stand-in): (out, log, data, is_synthetic)."""
+    stand-in): (out, log, data, is_synthetic). With several processes (--distributed) process 0
+    logs to run.log and stderr, process i only to run.log.<i>, and the processes must have read
+    the same data."""
+    from ease_jax import distributed
+
+    start_distributed(args)
     out = Path(args.out or default_out)
     out.mkdir(parents=True, exist_ok=True)
-    log = logger(out / "run.log").info
+    rank = distributed.process_index()
+    log = logger(out / ("run.log" if rank == 0 else f"run.log.{rank}"), stderr=rank == 0).info
     log(f"command: {' '.join(sys.argv)}")
     enable_compilation_cache()
     data, is_synthetic = load_data(args, dataset, log)
+    try:
+        distributed.check_same_data(data.sha256, data.source)
+    except distributed.DistributedError as e:
+        raise SystemExit(f"error: {e}") from None
+    if distributed.process_count() > 1:
+        import jax
+
+        log(f"process {rank} of {distributed.process_count()}: {jax.local_device_count()} local "
+            f"device(s), {len(distributed.global_devices())} in the job")
     return out, log, data, is_synthetic
 
 
@@ -220,6 +270,13 @@ def prepare_run(args, dataset: str, data, is_synthetic: bool, model: str, log):
         log(f"{model}: text encoder = precomputed text FEATURES (frozen BERT), not the papers' "
             "fine-tuned BERT")
     return RunConfig(dataset=dataset, model=mcfg, loss=loss, train=tcfg), bert_params
+
+
+def is_primary() -> bool:
+    """Whether this process writes the reports: always in one process, process 0 of several."""
+    from ease_jax import distributed
+
+    return distributed.is_primary()
 
 
 def train_runs(args, run, data, runs, out: Path, log, bert_params=None, burst_rates=()) -> dict:

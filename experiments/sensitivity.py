@@ -77,8 +77,9 @@ def main(argv=None) -> dict:
                                        "synthetic": is_synthetic},
                "seeds": seeds, "config": run.to_dict(), "base_loss": LossConfig.preset("paper", ds),
                "values": args.value_list, "points": points, "settings": summary}
-    report.write_outputs(out, "sensitivity", results, report.sensitivity_markdown(results, label),
-                         lambda path: report.plot_sensitivity(results, path, label), log)
+    if cli.is_primary():  # with several processes, process 0 writes the reports
+        report.write_outputs(out, "sensitivity", results, report.sensitivity_markdown(results, label),
+                             lambda path: report.plot_sensitivity(results, path, label), log)
     return results
 
 

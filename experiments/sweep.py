@@ -65,11 +65,12 @@ def main(dataset: str, argv=None) -> dict:
     from ease_jax.evaluate import compare_models
 
     comparison = compare_models(per_model)
-    write_json(out / "comparison.json", comparison)
-    (out / "comparison.md").write_text(comparison_markdown(comparison, label))
-    plot_comparison(per_model, out / "comparison.png", label)
-    log(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
-    print((out / "comparison.md").read_text())
+    if cli.is_primary():  # with several processes, process 0 writes the reports
+        write_json(out / "comparison.json", comparison)
+        (out / "comparison.md").write_text(comparison_markdown(comparison, label))
+        plot_comparison(per_model, out / "comparison.png", label)
+        log(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
+        print((out / "comparison.md").read_text())
     return {"models": per_model, "comparison": comparison}
 
 
@@ -112,9 +113,10 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
                     "host_seconds": sum(s["seconds"]["host"] for s in seeds_out.values()),
                     "protocol_seconds": sum(s["seconds"]["protocol"] for s in seeds_out.values())},
     }
-    write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_markdown(results, model, label))
-    plot_curves(results, out / "curves.png", label)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
-    print((out / "results.md").read_text())
+    if cli.is_primary():  # with several processes, process 0 writes the reports
+        write_json(out / "results.json", results)
+        (out / "results.md").write_text(results_markdown(results, model, label))
+        plot_curves(results, out / "curves.png", label)
+        log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
+        print((out / "results.md").read_text())
     return results

@@ -20,3 +20,16 @@ def shared_mosi_path():
     if not SHARED_MOSI.is_file():
         pytest.skip(f"real MOSI data not found at {SHARED_MOSI}")
     return SHARED_MOSI
+
+
+@pytest.fixture(scope="session")
+def tiny_pickle(tmp_path_factory):
+    """A tiny synthetic MOSI pickle (`helpers.tiny_raw`) on disk, shared by the command tests."""
+    import pickle
+
+    from helpers import tiny_raw
+
+    path = tmp_path_factory.mktemp("data") / "tiny_mosi.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(tiny_raw(), f)
+    return path

@@ -69,3 +69,116 @@ def tiny_data_and_model(model: str = "ease", n_train: int = 24):
                         text_dim=d["D_t"], audio_len=d["T_a"], audio_dim=d["D_a"],
                         vision_len=d["T_v"], vision_dim=d["D_v"], **TINY_MODEL)
     return data, mcfg
+
+
+def tiny_raw(seed: int = 0):
+    """The raw MMSA dict of the tiny synthetic MOSI the command tests write as a pickle (16 / 8 / 8
+    rows, 3 text tokens, 3 audio and 3 vision frames)."""
+    from ease_jax.data.synthetic import synthetic
+
+    return synthetic("mosi", seed=seed, n_train=16, n_valid=8, n_test=8, text_len=3, audio_len=3,
+                     vision_len=3)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+    """Host arrays [b, ...] padded to [size, ...] with zero rows, plus `weight` (1 real, 0 pad):
+    the batch the train step expects (the oracle of `train.gather_rows`)."""
+    b = next(iter(batch.values())).shape[0]
+    if b > size:
+        raise ValueError(f"batch of {b} rows exceeds the padded size {size}")
+    out = {k: np.concatenate([v, np.zeros((size - b, *v.shape[1:]), v.dtype)]) if b < size else v
+           for k, v in batch.items()}
+    out["weight"] = (np.arange(size) < b).astype(np.float32)
+    return out
+
+
+class StepRunner:
+    """Test harness: the per-device train step on `devices` under `jax.pmap` or `jax.shard_map`
+    on a 1-D ("data",) mesh, fed host batches (the library runs the step inside the population's
+    epoch program; this runs single steps, to test the step itself in both modes).
+
+    `put_state` (host state -> devices), `put_batch` (a padded host batch -> devices),
+    `get_state` (one host copy), `metrics` (one copy), `__call__(state, batch, rng)`.
+    """
+
+    def __init__(self, step_fn, mode: str = "pmap", devices=None):
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        if mode not in ("pmap", "shard_map"):
+            raise ValueError(f"parallel mode must be 'pmap' or 'shard_map', got {mode!r}")
+        self.mode = mode
+        self.devices = list(devices or jax.local_devices())
+        self.n = len(self.devices)
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self._sharded = NamedSharding(self.mesh, P("data"))
+        self._replicated = NamedSharding(self.mesh, P())
+        if mode == "pmap":
+            self._fn = jax.pmap(step_fn, axis_name="data", in_axes=(0, 0, None),
+                                devices=self.devices, donate_argnums=(0,))
+        else:
+            mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P("data"), P()),
+                                   out_specs=(P(), P()), check_vma=False)
+            self._fn = jax.jit(mapped, donate_argnums=(0,))
+
+    def __call__(self, state, batch, rng):
+        return self._fn(state, batch, rng)
+
+    def put_state(self, state):
+        host = jax.device_get(state)
+        if self.mode == "pmap":  # committed as pmap's outputs are: one compile, not two
+            return jax.tree_util.tree_map(
+                lambda x: jax.device_put(np.broadcast_to(x, (self.n, *np.shape(x))),
+                                         self._sharded), host)
+        return jax.device_put(host, self._replicated)
+
+    def get_state(self, state):
+        if self.mode == "pmap":
+            return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(state))
+        return state
+
+    def put_batch(self, batch: dict) -> dict:
+        if self.mode == "pmap":
+            return {k: v.reshape(self.n, v.shape[0] // self.n, *v.shape[1:])
+                    for k, v in batch.items()}
+        return jax.device_put(batch, self._sharded)
+
+    def metrics(self, metrics):
+        return jax.tree_util.tree_map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+
+
+class HostEvaluator:
+    """Test harness: predictions and metrics of one model config on one split under named
+    conditions, through the library's host batcher (`diagnostics.Forward` over
+    `train.forward`) one checkpoint at a time: the reference the batched protocol of
+    `fit.protocol_results` is checked against."""
+
+    def __init__(self, model_cfg, split, dataset: str, *, batch_size: int = 256, masks=None):
+        from ease_jax.diagnostics import Forward
+        from ease_jax.evaluate import MaskBank
+
+        self.split, self.dataset = split, dataset
+        self.masks = masks or MaskBank(split)
+        self.forward = Forward(model_cfg, split.n, batch_size=batch_size)
+        self.batch_size = self.forward.batch_size
+
+    def predict(self, params, keep: dict) -> np.ndarray:
+        return self.forward(params, self.split, keep)["pred"]
+
+    def metrics(self, params, kind: str = "rate", value=0.0) -> dict:
+        from ease_jax.metrics import regression_metrics
+
+        preds = self.predict(params, self.masks.get(kind, value))
+        return regression_metrics(preds, self.split.labels, self.dataset)
+
+    def protocol(self, params, *, burst_rates=()) -> dict:
+        from ease_jax.data.missing import INTER_MODAL_SUBSETS
+        from ease_jax.evaluate import RATES, condition_name
+
+        return {
+            "per_rate": {condition_name("rate", r): self.metrics(params, "rate", r)
+                         for r in RATES},
+            "inter_modal": {s: self.metrics(params, "subset", s) for s in INTER_MODAL_SUBSETS},
+            "burst": {condition_name("rate", r): self.metrics(params, "burst", r)
+                      for r in burst_rates},
+        }

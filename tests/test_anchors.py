@@ -1,4 +1,4 @@
-"""Tests of `ease_jax.anchors` (PROTOCOL.md section 7, L_anchor): class-conditional Gaussian
+"""Tests of `ease_jax.anchors` (docs/protocol.md section 7, L_anchor): class-conditional Gaussian
 anchors updated by an exponential moving average of the pooled clean features of each label bin.
 
 References are float64 NumPy: per-bin mean and population variance (ddof 0) of the rows of that

@@ -412,7 +412,7 @@ def test_tokenize_matches_mmsa_text_bert(shared_mosi_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Dropout (PROTOCOL.md section 5): the checkpoint's rates in training, none at evaluation
+# Dropout (docs/protocol.md section 5): the checkpoint's rates in training, none at evaluation
 
 
 def test_dropout_rates_come_from_the_checkpoint_config(tmp_path):
@@ -428,10 +428,10 @@ def test_dropout_rates_come_from_the_checkpoint_config(tmp_path):
 def _ease_bert_outputs(bert_dropout, rngs, train):
     """EASE in BERT mode with the tiny BERT: the incomplete and clean passes' text tokens and the
     prediction, with random parameters (so that dropout visibly moves the outputs)."""
-    from helpers import TINY_MODEL, random_model_params
-
     from ease_jax.config import ModelConfig
     from ease_jax.models import dummy_inputs
+
+    from helpers import TINY_MODEL, random_model_params
 
     cfg = ModelConfig(text_encoder="bert", text_len=7, text_dim=TINY.hidden_size, audio_len=3,
                       audio_dim=2, vision_len=4, vision_dim=3, bert=TINY,
@@ -445,7 +445,7 @@ def _ease_bert_outputs(bert_dropout, rngs, train):
     return {k: np.asarray(out[k]) for k in ("tokens", "pred") + (("clean_tokens",) if train else ())}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ease_bert_fn(cfg, train):
     """One jitted EASE apply per (config, mode)."""
     from ease_jax.models import build_model
@@ -463,7 +463,7 @@ def _ease_bert_fn(cfg, train):
 
 def test_bert_dropout_in_training_only():
     k1, k2, noise = jax.random.key(1), jax.random.key(2), jax.random.key(3)
-    rngs = lambda k: {"dropout": k, "noise": noise, "views": noise}  # noqa: E731
+    rngs = lambda k: {"dropout": k, "noise": noise, "views": noise}
     # Default (None): the checkpoint's 0.1 in training; another dropout key moves the outputs.
     a = _ease_bert_outputs(None, rngs(k1), train=True)
     b = _ease_bert_outputs(None, rngs(k2), train=True)

@@ -30,31 +30,16 @@ from ease_jax.analysis import (
 from ease_jax.config import ModelConfig, replace
 from ease_jax.data.missing import apply_keep_masks, inter_modal_keep_masks
 from ease_jax.data.mmsa import load_mmsa
-from ease_jax.data.synthetic import synthetic
-from ease_jax.evaluate import Evaluator, MaskBank
+from ease_jax.evaluate import MaskBank
 from ease_jax.models import build_model, init_params
-from ease_jax.train import eval_arrays
-from experiments import analyze, predict, sweep
+from experiments import analyze, cli, predict, sweep
 
 from helpers import TINY_MODEL as TINY
-from helpers import random_model_params
+from helpers import random_model_params, tiny_raw
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings("ignore:Corr is NaN:RuntimeWarning")
 EASE_SEEDS = (1111, 1112)
-
-
-def _tiny_raw(seed: int = 0):
-    return synthetic("mosi", seed=seed, n_train=16, n_valid=8, n_test=8, text_len=3, audio_len=3,
-                     vision_len=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_pickle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny_mosi.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(_tiny_raw(), f)
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,14 +58,14 @@ def runs(tiny_pickle, tmp_path_factory):
     by hand: random parameters saved with `checkpoint.save`, results.json derived from the real
     one (same keys; model and seeds changed)."""
     root = tmp_path_factory.mktemp("runs")
-    build_run = sweep.build_run
+    build_run = cli.build_run
 
     def tiny_build_run(*args, **kwargs):
         mcfg, loss, tcfg = build_run(*args, **kwargs)
         return replace(mcfg, **TINY), loss, tcfg
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep, "build_run", tiny_build_run)
+        mp.setattr(cli, "build_run", tiny_build_run)
         sweep.main("mosi", argv=[
             "--data", str(tiny_pickle), "--epochs", "2", "--batch-size", "8",
             "--text-encoder", "features", "--seeds", "1111", "--out", str(root / "ease"),
@@ -124,23 +109,7 @@ def _read_csv(path):
     return rows, list(rows[0])
 
 
-def test_parse_condition():
-    assert D.parse_condition("0.5") == ("rate", 0.5)
-    assert D.parse_condition("0") == ("rate", 0.0)
-    assert D.parse_condition("al") == ("subset", "la")  # canonical letter order
-    assert D.parse_condition("v") == ("subset", "v")
-    assert D.parse_condition("burst:0.3") == ("burst", 0.3)
-    assert D.parse_condition("none") is None
-    for bad in ("1.5", "lx", "ll", "", "burst:x", "-0.1"):
-        with pytest.raises(D.RunError, match="condition"):
-            D.parse_condition(bad)
-    with pytest.raises(D.RunError, match="none"):
-        D.parse_condition("none", allow_none=False)
-    assert D.condition_label(("subset", "la")) == "kept {l,a}"
-    assert D.condition_label(("rate", 0.5)) == "r = 0.5"
-
-
-def test_predict_ease_matches_evaluator(runs, tiny_pickle, tmp_path, capsys):
+def test_predict_ease_matches_a_direct_apply(runs, tiny_pickle, tmp_path, capsys):
     out = tmp_path / "pred.csv"
     res = predict.main(["--run", str(runs["ease"]), "--out", str(out), "--condition", "0.5",
                         "--seed", "1112", "--no-progress"])
@@ -157,10 +126,11 @@ def test_predict_ease_matches_evaluator(runs, tiny_pickle, tmp_path, capsys):
 
     cfg, params = _reference(runs["ease"], 1112)
     keep = MaskBank(test).get("rate", 0.5)
-    reference = Evaluator(cfg, test, "mosi").predict(params, keep)
-    np.testing.assert_allclose(col["prediction"], reference, rtol=1e-6, atol=1e-6)
-    inputs = apply_keep_masks(eval_arrays(test, cfg), keep, text_mode=cfg.text_encoder)
+    inputs = apply_keep_masks(test.model_arrays(cfg.text_encoder, labels=False), keep,
+                              text_mode=cfg.text_encoder)
     direct = _apply(cfg)(params, inputs, None)
+    np.testing.assert_allclose(col["prediction"], np.asarray(direct["pred"]), rtol=1e-5,
+                               atol=1e-5)
     for i, m in enumerate(D.MODALITIES):
         np.testing.assert_allclose(col[f"missing_{m}"], np.asarray(inputs["missing_rate"])[:, i],
                                    atol=1e-6)
@@ -212,7 +182,7 @@ def test_analyze_ease_matches_direct_recomputation(runs, tiny_pickle, tmp_path):
     fulls, completed = [], []
     for seed in EASE_SEEDS:
         cfg, params = _reference(runs["ease"], seed)
-        arrays = eval_arrays(test, cfg)
+        arrays = test.model_arrays(cfg.text_encoder, labels=False)
         inputs = apply_keep_masks(arrays, keep, text_mode=cfg.text_encoder)
         out_ = _apply(cfg)(params, inputs, arrays)
         full_in = apply_keep_masks(arrays, inter_modal_keep_masks(test, "lav"),
@@ -296,22 +266,9 @@ def test_clear_errors(runs, tiny_pickle, tmp_path, capsys):
     # Other data than the run was trained on: loud warning, not an error.
     other = tmp_path / "other.pkl"
     with open(other, "wb") as f:
-        pickle.dump(_tiny_raw(seed=1), f)
+        pickle.dump(tiny_raw(seed=1), f)
     capsys.readouterr()
     res = predict.main(["--run", str(moved), "--out", str(tmp_path / "x.csv"), "--data",
                         str(other), "--no-progress"])
     assert res["data"]["sha256_matches"] is False
     assert "WARNING" in capsys.readouterr().err
-
-
-def test_synthetic_data_is_rebuilt(tmp_path):
-    # A run trained on the sweep's synthetic fallback: its data is rebuilt, not read from a file.
-    run = D.RunInfo(path=tmp_path, layout="sweep", dataset="mosi", model="ease",
-                    model_cfg=ModelConfig(), loss={}, seeds=[1111], checkpoints={},
-                    data={"source": "synthetic:mosi(seed=0)", "sha256": None,
-                          "sizes": [sweep.SYNTHETIC[k] for k in ("n_train", "n_valid", "n_test")]})
-    data = analyze.synthetic_loader(run, print)()
-    assert data.source == "synthetic:mosi(seed=0)"
-    assert [data.train.n, data.valid.n, data.test.n] == run.data["sizes"]
-    with pytest.raises(D.RunError, match="pass --data"):
-        D.load_run_data(run)  # no synthetic loader given

@@ -1,6 +1,6 @@
 """Tests of `ease_jax.fit`: the population fit loop's records, resume equality (bit for bit),
 the non-finite guard, re-runs, a metric that is never finite, and the batched protocol against
-`Evaluator`. Tiny EASE; the compiled programs are shared through `population.get_program`."""
+the host batcher (`helpers.HostEvaluator`). Tiny EASE; the compiled programs are shared through `population.get_program`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ease_jax.metrics import METRIC_KEYS
 from ease_jax.objectives import EASE_TERMS
 from ease_jax.population import Run
 
-from helpers import tiny_data_and_model
+from helpers import HostEvaluator, tiny_data_and_model
 
 RUNS = [Run(1111), Run(1112, loss=LossConfig(cons=0.5), lr=2e-3, name="variant")]
 
@@ -155,13 +155,13 @@ def test_resume_with_other_runs_is_refused(tiny, resume_runs, tmp_path):
 
 
 def test_protocol_results_match_the_evaluator(tiny, resume_runs):
-    """The batched protocol (every (run, epoch) in one call per condition) against `Evaluator`,
+    """The batched protocol (every (run, epoch) in one call per condition) against the host batcher,
     one checkpoint at a time, batch 256."""
     out = resume_runs.root / "full"
     for run, rec in zip(RUNS, resume_runs.full):
         epoch = rec["selected"]["honest"]["epoch"]
         params, _ = checkpoint.restore(out / run.label / "best", rec["final_state"].params)
-        ref = E.Evaluator(tiny.mcfg, tiny.data.test, "mosi").protocol(params)
+        ref = HostEvaluator(tiny.mcfg, tiny.data.test, "mosi").protocol(params)
         mine = rec["selected"]["honest"]
         assert mine["epoch"] == epoch
         for section in ("per_rate", "inter_modal"):

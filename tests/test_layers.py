@@ -1,4 +1,4 @@
-"""Tests of `ease_jax.layers` (PROTOCOL.md sections 5, 6, 8).
+"""Tests of `ease_jax.layers` (docs/protocol.md sections 5, 6, 8).
 
 Shapes are checked with chex; values against float64 NumPy re-implementations of the formulas in
 the protocol, evaluated with the module's own (randomly perturbed) parameters; parameter counts

@@ -82,7 +82,7 @@ def reference_eval_masks(split, rate, seed=1111):
 
 
 def protocol_eval_masks(split, rate, seed=1111):
-    """PROTOCOL.md section 2 written out with legacy NumPy, vectorised (independent of both the
+    """docs/protocol.md section 2 written out with legacy NumPy, vectorised (independent of both the
     library and the row-by-row `reference_eval_masks`): text, then audio, then vision, each after
     its own `np.random.seed(seed)`."""
     attention = np.asarray(split.text_mask)

@@ -1,4 +1,4 @@
-"""Tests of `ease_jax.models` (PROTOCOL.md sections 5, 6, 8): output shapes at the three data sets'
+"""Tests of `ease_jax.models` (docs/protocol.md sections 5, 6, 8): output shapes at the three data sets'
 feature dimensions, parameter counts (against the protocol's numbers and hand arithmetic), EASE's
 randomness (imputation noise, subset views) and the subset views' masking.
 
@@ -23,7 +23,7 @@ from ease_jax.models.ease import FusionHead, view_keep_flags
 
 from helpers import TINY_INPUTS, TINY_MODEL, random_model_params, random_params
 
-# Audio / vision feature widths of the MMSA files (PROTOCOL.md section 1).
+# Audio / vision feature widths of the MMSA files (docs/protocol.md section 1).
 FEATURE_DIMS = {"mosi": (5, 20), "mosei": (74, 35), "sims": (33, 709)}
 SHORT = {"text_encoder": "features", "text_len": 6, "audio_len": 7, "vision_len": 9,
          "text_dim": 16}
@@ -92,7 +92,7 @@ def make_batch(cfg, batch, seed, drop=0.4, full_drop=None):
 # --------------------------------------------------------------------------------------------
 
 
-# (text_dim, L, D_a, T_a, D_v, T_v), PROTOCOL.md section 1; text_dim 768 = BERT features.
+# (text_dim, L, D_a, T_a, D_v, T_v), docs/protocol.md section 1; text_dim 768 = BERT features.
 DATA_DIMS = {"mosi": (768, 50, 5, 375, 20, 500), "mosei": (768, 50, 74, 500, 35, 500),
              "sims": (768, 39, 33, 400, 709, 55)}
 
@@ -438,7 +438,7 @@ def test_ease_gate_fusion_and_uncertainty(tiny_ease, train_apply):
     estimator = jax.jit(CompletenessGate(k, d, 2, cfg.heads, cfg.dim_head, cfg.mlp_dim).apply,
                         compiler_options=FAST)  # one compile: the three share their shapes
     for m in range(3):
-        gate_m = jax.tree_util.tree_map(lambda x: x[m], params["gates"])  # slice m of the stack
+        gate_m = jax.tree_util.tree_map(lambda x, m=m: x[m], params["gates"])  # slice m of the stack
         w = estimator({"params": gate_m}, jnp.asarray(out["tokens"][m], jnp.float32))
         np.testing.assert_allclose(out0["gate"][m], np.asarray(w), rtol=1e-5, atol=1e-6)
     assert np.all((out0["gate"] > 0) & (out0["gate"] < 1))  # rate 0: strictly inside (0, 1)
@@ -551,15 +551,14 @@ def test_sample_at_eval_makes_evaluation_random(tiny_ease, eval_apply):
 
 
 @pytest.mark.parametrize("chunks", [8, 3])
-def test_encoding_equal_rows_once_equals_encoding_twice(chunks, monkeypatch):
+def test_encoding_equal_rows_once_equals_encoding_twice(chunks):
     """`MultimodalEncoder(inputs, clean)` encodes a row whose two inputs are equal once: its
     tokens and the gradients of any function of (h, c) equal two independent plain calls (on the
     incomplete and on the clean inputs), for rows unchanged in some modalities and not in others,
     and a batch that leaves some chunks empty."""
     from ease_jax.models import common
 
-    monkeypatch.setattr(common, "ENCODE_CHUNKS", chunks)
-    cfg = model_config("ease", "mosi", **{**TINY, "text_len": 5})
+    cfg = model_config("ease", "mosi", encode_chunks=chunks, **{**TINY, "text_len": 5})
     b = 7
     inc, clean = make_batch(cfg, b, seed=5)
     # Rows 0, 3, 4 keep all their audio, rows 1, 4, 6 all their vision, row 2 all its text.

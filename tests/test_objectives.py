@@ -1,4 +1,4 @@
-"""Tests of `ease_jax.objectives` (PROTOCOL.md sections 7-8): the assembled EASE and LNLN objectives.
+"""Tests of `ease_jax.objectives` (docs/protocol.md sections 7-8): the assembled EASE and LNLN objectives.
 
 Values are compared with float64 NumPy formulas of the protocol evaluated on real outputs of a tiny
 EASE / LNLN; the weights with the presets' numbers written out by hand; gradients (one `jacrev` per
@@ -179,7 +179,6 @@ def test_presets_hold_the_protocol_weights():
                 assert getattr(cfg, term) == pytest.approx(w, rel=1e-12), (name, term)
             assert (cfg.cc, cfg.rec, cfg.sp) == (0.9, 0.1, 1.0)
             assert cfg.adv == (0.6 if dataset == "sims" else 0.8)
-            assert cfg.use_ucsa and cfg.use_mipc
     with pytest.raises(ValueError):
         LossConfig.preset("other")
 
@@ -260,7 +259,12 @@ def test_ease_terms_match_numpy(ease_run):
 
 
 @pytest.mark.parametrize("preset", ["code", "paper"])
-def test_ease_ablation_switches_change_exactly_their_terms(ease_run, preset):
+def test_ease_ablations_change_exactly_their_terms(ease_run, preset):
+    """Every Table 4 loss ablation (`studies.ABLATIONS`) and every single weight at 0 removes
+    exactly its terms from the total, computed by hand from the reported terms; the weights
+    passed explicitly (a run's traced `hparams`) act as the config's."""
+    from ease_jax.studies import ABLATIONS
+
     out, batch = ease_run["outputs"], ease_run["batch"]
     anchors = init_anchors(3, ease_run["cfg"].dim)
     base_cfg = LossConfig.preset(preset)
@@ -276,11 +280,15 @@ def test_ease_ablation_switches_change_exactly_their_terms(ease_run, preset):
         want = float(base_total) - sum(weights[k] * t[k] for k in dropped)
         assert float(total) == pytest.approx(want, rel=1e-5, abs=1e-6), changes
 
-    check({"use_ucsa": False}, ("uada", "anchor"))
-    check({"use_mipc": False}, ("cons", "asym"))
-    check({"use_ucsa": False, "use_mipc": False}, ("uada", "anchor", "cons", "asym"))
+    for name, dropped in (("w/o UCSA", ("uada", "anchor")), ("w/o MIPC", ("cons", "asym")),
+                          ("w/o L_cons", ("cons",))):
+        check(ABLATIONS[name][1], dropped)
     for term in EASE_TERMS:
         check({term: 0.0}, (term,))
+    explicit = {k: jnp.float32(v) for k, v in base_cfg.weights().items()} | {"cons": 0.0}
+    total, _, _ = ease_loss(out, batch, anchors, base_cfg, weights=explicit)
+    want = float(base_total) - weights["cons"] * t["cons"]
+    assert float(total) == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 def test_ease_zero_weight_padding_leaves_every_term_unchanged(ease_run):
@@ -349,7 +357,7 @@ def test_ease_each_term_reaches_its_parameter_groups(ease_run, term):
     if term != "total":
         var_grad = ease_run["grads"][term]["imputers"]["gaussian"]["var"]  # [3, ...] leaves
         for m in range(3):
-            var_norm = _group_norms({"g": jax.tree_util.tree_map(lambda x: x[m], var_grad)},
+            var_norm = _group_norms({"g": jax.tree_util.tree_map(lambda x, m=m: x[m], var_grad)},
                                     ("g",))["g"]
             assert var_norm > 0, (term, m)
 

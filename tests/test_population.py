@@ -37,7 +37,7 @@ def tiny_setup():
     runs = [Pop.Run(seed, loss=loss, lr=lr, name=f"s{seed}_v{v}")
             for seed in (1111, 1112, 1113) for v, (loss, lr) in enumerate(variants)]
     return SimpleNamespace(data=data, mcfg=mcfg, tcfg=tcfg, loss=LossConfig(), runs=runs,
-                           arrays=T.model_arrays(data.train, mcfg))
+                           arrays=data.train.model_arrays(mcfg.text_encoder))
 
 
 def train(s, runs, parallel, n_devices, run_batch=None):
@@ -51,7 +51,7 @@ def train(s, runs, parallel, n_devices, run_batch=None):
     for _ in range(EPOCHS):
         state, m = prog.train_epoch(state, train_arrays)
         metrics.append(jax.device_get(m))
-    test = T.eval_arrays(s.data.test, s.mcfg)
+    test = s.data.test.model_arrays(s.mcfg.text_encoder, labels=False)
     keep = eval_keep_masks(s.data.test, 0.5)
     preds = prog.predict(state.params, prog.put_rows(test, len(runs)),
                          prog.put_rows(keep, len(runs)), s.data.test.n)
@@ -123,7 +123,7 @@ def test_program_is_shared_and_compiles_once(setup):
 
 def test_check_population_rejects_what_changes_the_program():
     base = LossConfig()
-    Pop.check_population([Pop.Run(1, loss=LossConfig(uada=0.0, use_mipc=False)), Pop.Run(2)],
+    Pop.check_population([Pop.Run(1, loss=LossConfig(uada=0.0, cons=0.0)), Pop.Run(2)],
                          base)
     with pytest.raises(ValueError, match="tau"):
         Pop.check_population([Pop.Run(1, loss=LossConfig(tau=2.0))], base)
@@ -149,7 +149,7 @@ def test_mesh_shape_errors():
         Pop.mesh_shape(4, 4, "pmap", 2)
 
 
-def test_stack_unstack_round_trip(setup):
+def test_stack_unstack_round_trip():
     trees = [{"a": np.full((2,), i, np.float32), "b": {"c": np.int32(i)}} for i in range(3)]
     stacked = Pop.stack(trees)
     assert stacked["a"].shape == (3, 2) and stacked["b"]["c"].shape == (3,)

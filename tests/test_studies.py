@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ import pytest
 from ease_jax import fit as F
 from ease_jax import studies as S
 from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config, replace
-from ease_jax.data.synthetic import synthetic
-from experiments import ablation, sensitivity, sweep
+from experiments import ablation, cli, sensitivity
 
 from helpers import TINY_MODEL as TINY
 
@@ -54,9 +52,13 @@ def test_ablation_runs_and_their_populations():
     assert len(runs) == 2 * len(S.ABLATIONS) == 18
     by = {r.label: r for r in runs}
     assert by["wo_l_uada_seed_1"].loss.uada == 0.0 and by["wo_l_uada_seed_1"].model is None
-    assert by["wo_ucsa_seed_2"].loss.use_ucsa is False
+    assert (by["wo_ucsa_seed_2"].loss.uada, by["wo_ucsa_seed_2"].loss.anchor) == (0.0, 0.0)
+    assert (by["wo_mipc_seed_2"].loss.cons, by["wo_mipc_seed_2"].loss.asym) == (0.0, 0.0)
+    assert by["wo_mipc_seed_2"].model is None  # the views stay: w/o MIPC is weights at 0
     assert by["wo_ucmi_seed_1"].model.use_ucmi is False
-    assert by["wo_all_seed_1"].model.use_ucmi is False and not by["wo_all_seed_1"].loss.use_mipc
+    wo_all = by["wo_all_seed_1"]
+    assert wo_all.model.use_ucmi is False
+    assert [getattr(wo_all.loss, k) for k in ("uada", "anchor", "cons", "asym")] == [0.0] * 4
     groups = list(F.group_runs(run, runs))
     # Weight-only variants share the full model's program; w/o UCMI and w/o ALL are another.
     assert [len(g) for _, g in groups] == [14, 4]
@@ -94,25 +96,15 @@ def test_sensitivity_grid_is_eq13_around_the_preset():
     assert all(F.program_key(r.loss) == F.program_key(base) for r in runs)  # one population
 
 
-@pytest.fixture(scope="module")
-def tiny_pickle(tmp_path_factory):
-    raw = synthetic("mosi", seed=0, n_train=16, n_valid=8, n_test=8, text_len=3, audio_len=3,
-                    vision_len=3)
-    path = tmp_path_factory.mktemp("data") / "tiny_mosi.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(raw, f)
-    return path
-
-
 @pytest.fixture()
 def tiny_model(monkeypatch):
-    build_run = sweep.build_run
+    build_run = cli.build_run
 
     def tiny_build_run(*args, **kwargs):
         mcfg, loss, tcfg = build_run(*args, **kwargs)
         return replace(mcfg, **TINY), loss, tcfg
 
-    monkeypatch.setattr(sweep, "build_run", tiny_build_run)
+    monkeypatch.setattr(cli, "build_run", tiny_build_run)
     monkeypatch.setenv("EASE_JAX_NO_COMPILATION_CACHE", "1")
 
 
@@ -167,13 +159,13 @@ def test_sensitivity_end_to_end(tiny_pickle, tmp_path, tiny_model):
 def test_command_arguments():
     a = ablation.parse_args([])
     assert a.dataset == "mosi" and a.variant_list == list(S.ABLATIONS)
-    assert a.data == sweep.DEFAULT_DATA["mosi"]
+    assert a.data == cli.DEFAULT_DATA["mosi"]
     assert ablation.parse_args(["--variants", "w/o MIPC"]).variant_list == ["EASE", "w/o MIPC"]
     with pytest.raises(SystemExit):
         ablation.parse_args(["--variants", "w/o nothing"])
     s = sensitivity.parse_args([])
     assert s.dataset == "mosei" and s.value_list == list(S.SENSITIVITY_VALUES)
-    assert s.data == sweep.DEFAULT_DATA["mosei"]
+    assert s.data == cli.DEFAULT_DATA["mosei"]
     for bad in ("a,b", "-1", ","):
         with pytest.raises(SystemExit):
             sensitivity.parse_args(["--values", bad])

@@ -3,8 +3,8 @@ argument handling, the data fall-back, the run configuration, the report files, 
 runs on a tiny MMSA pickle and on the real utterance-level MOSI in ../shared.
 
 The paper-size model compiles for minutes on a 2-core CPU, so the fast end-to-end runs swap in a
-TINY model (`build_run` wrapped) and share one compiled train / predict step between seeds
-(memoised `make_train_step` / `make_predict_fn`); the paper-size run is marked `slow`.
+TINY model (`cli.build_run` wrapped); populations of the same shapes share their compiled
+programs (`population.get_program`); the paper-size run is marked `slow`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 import re
 from pathlib import Path
 
@@ -22,11 +21,17 @@ import pytest
 from ease_jax import evaluate as E
 from ease_jax import fit as F
 from ease_jax import report
-from ease_jax.config import LossConfig, TrainConfig, replace
+from ease_jax.config import (
+    SYNTHETIC_SMALL_MODEL,
+    SYNTHETIC_SMALL_TRAIN,
+    LossConfig,
+    TrainConfig,
+    replace,
+)
 from ease_jax.data.mmsa import load_mmsa
-from ease_jax.data.synthetic import synthetic
+from ease_jax.data.synthetic import SMALL, synthetic
 from ease_jax.metrics import METRIC_KEYS, regression_metrics
-from experiments import sweep
+from experiments import cli, sweep
 
 from helpers import TINY_MODEL as TINY
 
@@ -34,17 +39,6 @@ RATE_KEYS = [f"{0.1 * i:.1f}" for i in range(10)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The constant baseline has no correlation: metrics warns and reports NaN, as it should.
 pytestmark = pytest.mark.filterwarnings("ignore:Corr is NaN:RuntimeWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny_pickle(tmp_path_factory):
-    raw = synthetic(
-        "mosi", seed=0, n_train=16, n_valid=8, n_test=8, text_len=3, audio_len=3, vision_len=3
-    )
-    path = tmp_path_factory.mktemp("data") / "tiny_mosi.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(raw, f)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +57,10 @@ def args_for(dataset="mosi", *argv):
 def test_parse_args_defaults():
     a = sweep.parse_args("mosi", [])
     assert a.data == "data/MOSI/Processed/unaligned_50.pkl"
-    assert (a.model, a.batch_size, a.parallel, a.loss_preset) == (("ease", "lnln"), 64, "pmap",
+    assert (a.model, a.batch_size, a.parallel, a.loss_preset) == (("ease", "lnln"), 64, None,
                                                                   "code")
+    cli.start_distributed(a)  # one process: --parallel defaults to pmap
+    assert a.parallel == "pmap" and not a.distributed
     assert a.seeds is None and a.epochs is None and a.lr is None and a.text_encoder is None
     assert not a.resume and not a.no_progress and not a.burst
     assert sweep.parse_args("sims", []).data == "data/SIMS/Processed/unaligned_39.pkl"
@@ -83,27 +79,28 @@ def test_population_argument_and_size(monkeypatch):
         with pytest.raises(SystemExit):
             sweep.parse_args("mosi", ["--population", bad])
     log = []
-    assert sweep.population_size(None, None, None, 3, log.append) == 3
-    assert sweep.population_size(2, None, None, 3, log.append) == 2
-    assert sweep.population_size(5, None, None, 3, log.append) == 3
-    # auto: (memory - shared data) // per-run footprint, clipped to [1, runs].
     from ease_jax import population
 
+    assert population.plan_population(None, None, None, 3, log.append) == 3
+    assert population.plan_population(2, None, None, 3, log.append) == 2
+    assert population.plan_population(5, None, None, 3, log.append) == 3
+    # auto: (memory - shared data) // per-run footprint, clipped to [1, runs].
     gib = 2**30
     monkeypatch.setattr(population, "run_footprint_bytes",
                         lambda run, arrays: {"state": gib, "temp": 2 * gib, "data": gib})
-    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 8 * gib)
+    monkeypatch.setattr(population, "device_memory_bytes", lambda: 8 * gib)
     data = load_mmsa_synthetic()
-    run = argparse.Namespace(model=sweep.build_run(args_for("mosi"), "mosi", data, True)[0])
+    run = argparse.Namespace(model=cli.build_run(args_for("mosi"), "mosi", data, True)[0])
+    arrays = data.train.model_arrays("features")
     # Vmapped (accelerator): (8 - 1 data) // (1 state + 2 temp) = 2.
     monkeypatch.setattr(population, "default_run_batch", lambda devices, n: n)
-    assert sweep.population_size("auto", run, data, 9, log.append) == 2
+    assert population.plan_population("auto", run, arrays, 9, log.append) == 2
     assert "3.00 GiB per run (vmapped" in log[-1] and "2 run(s) per program" in log[-1]
     # Mapped in turn (CPU): one temp shared: (8 - 1 - 2) // 1 = 5.
     monkeypatch.setattr(population, "default_run_batch", lambda devices, n: 1)
-    assert sweep.population_size("auto", run, data, 9, log.append) == 5
-    monkeypatch.setattr(sweep, "device_memory_bytes", lambda: 2 * gib)
-    assert sweep.population_size("auto", run, data, 9, log.append) == 1
+    assert population.plan_population("auto", run, arrays, 9, log.append) == 5
+    monkeypatch.setattr(population, "device_memory_bytes", lambda: 2 * gib)
+    assert population.plan_population("auto", run, arrays, 9, log.append) == 1
 
 
 def load_mmsa_synthetic():
@@ -116,7 +113,7 @@ def load_mmsa_synthetic():
 def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
     logged = []
     missing = tmp_path / "nowhere" / "unaligned_50.pkl"
-    data, is_synthetic = sweep.load_data(
+    data, is_synthetic = cli.load_data(
         argparse.Namespace(data=str(missing)), "mosi", logged.append
     )
     assert is_synthetic is True
@@ -124,28 +121,25 @@ def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
     assert str(missing) in logged[0] and "SYNTHETIC" in logged[0] and "--data" in logged[0]
     assert data.source.startswith("synthetic:mosi")
     assert (data.train.n, data.valid.n, data.test.n) == (
-        sweep.SYNTHETIC["n_train"],
-        sweep.SYNTHETIC["n_valid"],
-        sweep.SYNTHETIC["n_test"],
-    )
-    assert data.dims["L"] == sweep.SYNTHETIC["text_len"]
+        SMALL["n_train"], SMALL["n_valid"], SMALL["n_test"])
+    assert data.dims["L"] == SMALL["text_len"]
 
 
 def test_synthetic_full_is_the_real_data_sets_shapes_and_settings(tmp_path):
     logged = []
     args = args_for("mosi", "--data", str(tmp_path / "none.pkl"), "--synthetic", "full")
-    data, is_synthetic = sweep.load_data(args, "mosi", logged.append)
+    data, is_synthetic = cli.load_data(args, "mosi", logged.append)
     assert is_synthetic and "--synthetic full" in logged[0]
-    assert (data.train.n, data.valid.n, data.test.n) == (1284, 229, 686)  # PROTOCOL.md 1
+    assert (data.train.n, data.valid.n, data.test.n) == (1284, 229, 686)  # docs/protocol.md 1
     assert (data.dims["T_a"], data.dims["T_v"], data.dims["L"]) == (375, 500, 50)
-    mcfg, _, tcfg = sweep.build_run(args, "mosi", data, True, "ease")
+    mcfg, _, tcfg = cli.build_run(args, "mosi", data, True, "ease")
     assert (mcfg.dim, mcfg.heads, mcfg.text_encoder) == (128, 8, "features")
     assert (tcfg.epochs, tcfg.lr, tcfg.seeds) == (200, None, (1111, 1112, 1113))
 
 
 def test_load_data_reads_an_existing_file(tiny_pickle):
     logged = []
-    data, is_synthetic = sweep.load_data(
+    data, is_synthetic = cli.load_data(
         argparse.Namespace(data=str(tiny_pickle)), "mosi", logged.append
     )
     assert is_synthetic is False and logged == []
@@ -155,7 +149,7 @@ def test_load_data_reads_an_existing_file(tiny_pickle):
 
 def test_build_run_real_data(tiny_data):
     d = tiny_data.dims
-    mcfg, loss, tcfg = sweep.build_run(
+    mcfg, loss, tcfg = cli.build_run(
         args_for(
             "mosi",
             "--text-encoder",
@@ -184,7 +178,7 @@ def test_build_run_real_data(tiny_data):
     assert tcfg.learning_rate("ease") == 1e-5
     assert loss == LossConfig.preset("code", "mosi")
     # Default text encoder on real data: BERT over the token ids.
-    mcfg, _, tcfg = sweep.build_run(args_for("mosi"), "mosi", tiny_data, False)
+    mcfg, _, tcfg = cli.build_run(args_for("mosi"), "mosi", tiny_data, False)
     assert mcfg.text_encoder == "bert" and mcfg.text_len == d["L"]
     assert (tcfg.epochs, tcfg.warmup_epochs, tcfg.seeds, tcfg.batch_size) == (
         200,
@@ -198,24 +192,24 @@ def test_build_run_real_data(tiny_data):
     "epochs, warmup", [(1, 1), (2, 1), (19, 1), (50, 5), (200, 20), (1000, 20)]
 )
 def test_build_run_scales_the_warmup_with_epochs(tiny_data, epochs, warmup):
-    _, _, tcfg = sweep.build_run(
+    _, _, tcfg = cli.build_run(
         args_for("mosi", "--epochs", str(epochs)), "mosi", tiny_data, False
     )
     assert (tcfg.epochs, tcfg.warmup_epochs) == (epochs, warmup)
 
 
 def test_build_run_synthetic_defaults_and_overrides(tiny_data):
-    mcfg, loss, tcfg = sweep.build_run(
+    mcfg, loss, tcfg = cli.build_run(
         args_for("sims", "--lr", "3e-4", "--loss-preset", "paper", "--model", "lnln"),
         "sims",
         tiny_data,
         True,
     )
     assert mcfg.model == "lnln" and mcfg.text_encoder == "features"  # synthetic: features
-    assert {k: getattr(mcfg, k) for k in sweep.SYNTHETIC_MODEL} == sweep.SYNTHETIC_MODEL
-    assert tcfg.lr == 3e-4 and tcfg.epochs == sweep.SYNTHETIC_TRAIN["epochs"]
-    assert tcfg.warmup_epochs == sweep.SYNTHETIC_TRAIN["warmup_epochs"]
-    assert tcfg.seeds == sweep.SYNTHETIC_TRAIN["seeds"]
+    assert {k: getattr(mcfg, k) for k in SYNTHETIC_SMALL_MODEL} == SYNTHETIC_SMALL_MODEL
+    assert tcfg.lr == 3e-4 and tcfg.epochs == SYNTHETIC_SMALL_TRAIN["epochs"]
+    assert tcfg.warmup_epochs == SYNTHETIC_SMALL_TRAIN["warmup_epochs"]
+    assert tcfg.seeds == SYNTHETIC_SMALL_TRAIN["seeds"]
     assert loss == LossConfig.preset("paper", "sims") and loss.adv == 0.6
 
 
@@ -224,18 +218,18 @@ def test_build_run_features_without_text_features_exits(tiny_data):
         tiny_data, train=dataclasses.replace(tiny_data.train, text_features=None)
     )
     with pytest.raises(SystemExit, match="text"):
-        sweep.build_run(args_for("mosi", "--text-encoder", "features"), "mosi", no_text, False)
+        cli.build_run(args_for("mosi", "--text-encoder", "features"), "mosi", no_text, False)
 
 
 def test_find_bert(tmp_path, monkeypatch):
-    assert sweep.find_bert("mosi", str(tmp_path / "mybert")) == tmp_path / "mybert"
+    assert cli.find_bert("mosi", str(tmp_path / "mybert")) == tmp_path / "mybert"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SystemExit, match="--text-encoder features"):
-        sweep.find_bert("mosi", None)
+        cli.find_bert("mosi", None)
     snap = tmp_path / "hub" / "models--bert-base-chinese" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
-    assert sweep.find_bert("sims", None) == snap
+    assert cli.find_bert("sims", None) == snap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,14 +349,14 @@ def share_compilations(monkeypatch, tiny_model=True):
     """Optionally the TINY model in place of the paper's dimensions, and no persistent XLA cache.
     (Populations of the same shapes share their compiled programs anyway:
     `ease_jax.population.get_program`.)"""
-    build_run = sweep.build_run
+    build_run = cli.build_run
 
     def tiny_build_run(*args, **kwargs):
         mcfg, loss, tcfg = build_run(*args, **kwargs)
         return replace(mcfg, **TINY), loss, tcfg
 
     if tiny_model:
-        monkeypatch.setattr(sweep, "build_run", tiny_build_run)
+        monkeypatch.setattr(cli, "build_run", tiny_build_run)
     # Keep the run hermetic: no persistent XLA cache in the home directory.
     monkeypatch.setenv("EASE_JAX_NO_COMPILATION_CACHE", "1")
 

@@ -24,13 +24,14 @@ from jax.sharding import PartitionSpec as P
 
 from ease_jax import train as T
 from ease_jax.anchors import init_anchors
-from ease_jax.config import LossConfig, RunConfig, TrainConfig, model_config
+from ease_jax.config import LOSS_WEIGHTS, LossConfig, RunConfig, TrainConfig, model_config
 from ease_jax.data.missing import train_keep_masks, train_missing_rates
 from ease_jax.data.mmsa import from_raw
 from ease_jax.data.synthetic import synthetic
 from ease_jax.objectives import EASE_TERMS, LNLN_TERMS, ease_loss, lnln_loss, weighted_mean
 
 from helpers import TINY_MODEL as TINY
+from helpers import StepRunner, pad_batch
 
 
 def tiny_data(n_train=24, n_valid=8, n_test=8):
@@ -152,20 +153,23 @@ def test_optimizer_is_adamw_stepped_per_epoch():
             assert float(jnp.max(jnp.abs(upd["w"]))) > 1e-3
 
 
-def test_tx_lr_matches_epoch_lr():
+def test_tx_lr_hand_values():
+    """The lr of optimizer step s with 5 steps per epoch, warm-up 3 of 12 epochs, base 2e-3, by
+    hand: epoch e = s // 5; e <= 3: base e / 3; else base 0.5 (1 + cos(pi (e - 4) / 9))."""
     cfg = TrainConfig(lr=2e-3, warmup_epochs=3, epochs=12)
-    for step in (0, 4, 5, 9, 17, 35):
-        assert float(T.tx_lr(step, cfg, 5, 2e-3)) == pytest.approx(
-            float(T.epoch_lr(step // 5, 2e-3, 3, 12)), rel=1e-6, abs=0
-        )
+    expected = {0: 0.0, 4: 0.0, 5: 2e-3 / 3, 9: 2e-3 / 3, 17: 2e-3, 20: 2e-3,
+                35: 2e-3 * 0.5 * (1 + math.cos(math.pi / 3)), 59: 2e-3 * 0.5 * (1 + math.cos(
+                    math.pi * 7 / 9))}
+    for step, lr in expected.items():
+        assert float(T.tx_lr(step, cfg, 5, 2e-3)) == pytest.approx(lr, rel=1e-6, abs=1e-12), step
 
 
-def test_run_hparams_fold_the_switches_into_the_weights():
+def test_run_hparams_carry_the_weights_and_lr():
     hp = T.run_hparams(LossConfig(uada=0.3, cons=1.5), 2e-4)
-    assert set(hp) == {"lr", *T.LOSS_WEIGHTS}
+    assert set(hp) == {"lr", *LOSS_WEIGHTS}
     assert all(v.dtype == np.float32 and v.shape == () for v in hp.values())
     assert float(hp["lr"]) == pytest.approx(2e-4) and float(hp["uada"]) == pytest.approx(0.3)
-    off = T.run_hparams(LossConfig(use_ucsa=False, use_mipc=False), 1e-3)
+    off = T.run_hparams(LossConfig(uada=0.0, anchor=0.0, cons=0.0, asym=0.0), 1e-3)
     assert [float(off[k]) for k in ("uada", "anchor", "cons", "asym")] == [0.0] * 4
     assert float(off["ucmi"]) == 0.5 and float(off["sp"]) == 1.0
     # The model default lr lands in the state without an explicit one; a given one wins.
@@ -174,7 +178,7 @@ def test_run_hparams_fold_the_switches_into_the_weights():
         state = T.create_state(tiny_model(model, data), TrainConfig(), 0, 3)
         assert float(state.hparams["lr"]) == pytest.approx(lr)
     state = T.create_state(tiny_model("ease", data), TrainConfig(lr=5e-4), 0, 3,
-                           loss_cfg=LossConfig(use_ucsa=False), lr=2e-3)
+                           loss_cfg=LossConfig(uada=0.0), lr=2e-3)
     assert float(state.hparams["lr"]) == pytest.approx(2e-3)
     assert float(state.hparams["uada"]) == 0.0
 
@@ -187,7 +191,7 @@ def test_pad_batch_adds_zero_rows_and_weight():
         "lengths": np.array([1, 2, 3], np.int64),
     }
     before = {k: v.copy() for k, v in batch.items()}
-    out = T.pad_batch(batch, 5)
+    out = pad_batch(batch, 5)
     assert set(out) == {"x", "ids", "lengths", "weight"}
     for k, v in batch.items():
         assert out[k].shape == (5, *v.shape[1:]) and out[k].dtype == v.dtype
@@ -196,11 +200,11 @@ def test_pad_batch_adds_zero_rows_and_weight():
         np.testing.assert_array_equal(v, before[k])  # input untouched
     assert out["weight"].dtype == np.float32
     np.testing.assert_array_equal(out["weight"], [1, 1, 1, 0, 0])
-    full = T.pad_batch(batch, 3)
+    full = pad_batch(batch, 3)
     np.testing.assert_array_equal(full["weight"], [1, 1, 1])
     np.testing.assert_array_equal(full["x"], batch["x"])
     with pytest.raises(ValueError, match="exceeds"):
-        T.pad_batch(batch, 2)
+        pad_batch(batch, 2)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +253,7 @@ def test_gather_rows_is_pad_batch_on_device():
               "labels": rng.normal(size=5).astype(np.float32)}
     rows = np.array([3, 0, 4, -1, -1], np.int32)
     out = jax.device_get(jax.jit(T.gather_rows)(arrays, rows))
-    ref = T.pad_batch({k: v[[3, 0, 4]] for k, v in arrays.items()}, 5)
+    ref = pad_batch({k: v[[3, 0, 4]] for k, v in arrays.items()}, 5)
     assert set(out) == set(ref) | {"index"}
     for k in ref:
         np.testing.assert_array_equal(out[k], ref[k])
@@ -274,7 +278,7 @@ def test_check_finite_names_the_run_and_step():
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. ParallelStep on a toy step (cheap compiles): numerics, placement, traces
+# 2. The per-device step under pmap and shard_map (helpers.StepRunner) on a toy step (cheap compiles): numerics, placement, traces
 
 
 def toy_step(counter=None, lr=0.1):
@@ -313,7 +317,7 @@ def toy_reference(batches, n, lr=0.1):
     w = np.zeros(3)
     losses = []
     for i, b in enumerate(batches):
-        padded = T.pad_batch(b, T.global_batch_size(len(b["y"]), n))
+        padded = pad_batch(b, T.global_batch_size(len(b["y"]), n))
         rows = len(padded["y"]) // n
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))
         noise = np.concatenate(
@@ -339,7 +343,7 @@ def run_toy(par, batches):
     for i, b in enumerate(batches):
         gbs = T.global_batch_size(len(b["y"]), par.n)
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(3), i))
-        state, m = par(state, par.put_batch(T.pad_batch(b, gbs)), rng)
+        state, m = par(state, par.put_batch(pad_batch(b, gbs)), rng)
         losses.append(float(par.metrics(m)["loss"]))
     return host(par.get_state(state)), losses
 
@@ -348,7 +352,7 @@ def run_toy(par, batches):
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_toy_parallel_step_matches_global_reference(mode, n):
     batches = toy_batches()
-    par = T.ParallelStep(toy_step(), mode, devices=jax.devices()[:n])
+    par = StepRunner(toy_step(), mode, devices=jax.devices()[:n])
     assert par.n == n
     state, losses = run_toy(par, batches)
     w_ref, loss_ref = toy_reference(batches, n)
@@ -357,14 +361,9 @@ def test_toy_parallel_step_matches_global_reference(mode, n):
     assert int(state["step"]) == 3 and state["step"].dtype == np.int32
 
 
-def test_parallel_step_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="pmap"):
-        T.ParallelStep(toy_step(), "vmap")
-
-
 @pytest.mark.parametrize("mode", ["pmap", "shard_map"])
 def test_put_state_get_state_round_trip(mode):
-    par = T.ParallelStep(toy_step(), mode, devices=jax.devices()[:2])
+    par = StepRunner(toy_step(), mode, devices=jax.devices()[:2])
     state = {
         "w": np.array([1.5, -2.0], np.float32),
         "step": np.array(7, np.int32),
@@ -372,7 +371,7 @@ def test_put_state_get_state_round_trip(mode):
     }
     back = host(par.get_state(par.put_state(state)))
     assert_trees_close(back, state)
-    batch = T.pad_batch({"x": np.arange(6, dtype=np.float32).reshape(3, 2)}, 4)
+    batch = pad_batch({"x": np.arange(6, dtype=np.float32).reshape(3, 2)}, 4)
     placed = par.put_batch(batch)
     np.testing.assert_array_equal(np.asarray(placed["x"]).reshape(4, 2), batch["x"])
     np.testing.assert_array_equal(np.asarray(placed["weight"]).reshape(4), batch["weight"])
@@ -384,11 +383,11 @@ def test_toy_step_traced_once(mode):
     chex.clear_trace_counter()
     counter = []
     step = chex.assert_max_traces(toy_step(counter), n=1)
-    par = T.ParallelStep(step, mode, devices=jax.devices()[:2])
+    par = StepRunner(step, mode, devices=jax.devices()[:2])
     state = par.put_state({"w": np.zeros(3, np.float32), "step": np.zeros((), np.int32)})
     for i, b in enumerate(toy_batches(steps=3)):
         rng = jax.random.key_data(jax.random.key(i))
-        state, _ = par(state, par.put_batch(T.pad_batch(b, 6)), rng)
+        state, _ = par(state, par.put_batch(pad_batch(b, 6)), rng)
     jax.block_until_ready(state)
     assert len(counter) == 1
 
@@ -587,7 +586,7 @@ def tiny():
     run = RunConfig(dataset="mosi", model=mcfg, loss=LossConfig(), train=tcfg)
     spe = T.steps_per_epoch(data.train.n, tcfg.batch_size)
     base = T.make_train_step(mcfg, run.loss, tcfg, spe, data.train.n)
-    arrays = T.model_arrays(data.train, mcfg)
+    arrays = data.train.model_arrays(mcfg.text_encoder)
     # 7 real rows padded to 8: on 4 devices the last one holds 1 real row and 1 padding row.
     order = np.asarray(T.epoch_rows(jax.random.key_data(jax.random.key(0)), 0, data.train.n, 7))
     batches = [{k: v[r[r >= 0]] for k, v in arrays.items()} | {"index": r[r >= 0]}
@@ -603,7 +602,7 @@ def tiny():
         state0=host(T.create_state(mcfg, tcfg, 0, spe)),
         rngs=[jax.random.key_data(jax.random.fold_in(jax.random.key(7), i)) for i in range(3)],
         # pmap caches its compilation per function: every pmap user (fit_seed included) shares
-        # `steps["pmap"]`; shard_map compiles per ParallelStep anyway.
+        # `steps["pmap"]`; shard_map compiles per StepRunner anyway.
         steps={"pmap": counted(base), "shard_map": counted(base)},
         step_key=(mcfg, run.loss, tcfg, spe, data.train.n),
         predict_cache={},
@@ -611,11 +610,11 @@ def tiny():
 
 
 def run_steps(tiny, mode, n, batches=None, state=None, step=None, pad_to=8):
-    par = T.ParallelStep(step or tiny.steps[mode], mode, devices=jax.devices()[:n])
+    par = StepRunner(step or tiny.steps[mode], mode, devices=jax.devices()[:n])
     st = par.put_state(tiny.state0 if state is None else state)
     metrics = []
     for b, rng in zip(batches or tiny.batches, tiny.rngs):
-        st, m = par(st, par.put_batch(T.pad_batch(b, T.global_batch_size(pad_to, n))), rng)
+        st, m = par(st, par.put_batch(pad_batch(b, T.global_batch_size(pad_to, n))), rng)
         metrics.append(par.metrics(m))
     return host(par.get_state(st)), host(metrics)
 
@@ -687,7 +686,7 @@ def test_step_feeds_the_model_the_observed_missing_fraction(tiny, monkeypatch):
     step = jax.jit(T.make_train_step(tiny.mcfg, LossConfig(), tiny.tcfg, tiny.spe, n,
                                      axis_name=None), compiler_options=FAST)
     state = tiny.state0.replace(step=jnp.asarray(tiny.spe, jnp.int32))  # epoch 1's masks
-    batch = T.pad_batch(tiny.batches[1], 8)
+    batch = pad_batch(tiny.batches[1], 8)
     jax.block_until_ready(step(state, batch, tiny.rngs[0]))
     (rate, index), = recorded
     np.testing.assert_array_equal(index, batch["index"])
@@ -724,11 +723,11 @@ def test_padding_rows_do_not_change_the_update(tiny, ease_runs):
             g[k] = (5 * rng.normal(size=g[k].shape)).astype(g[k].dtype)
         g["labels"] = np.array([2.9], np.float32)
         g["audio_lengths"][:], g["vision_lengths"][:] = 1, 2
-        padded = T.pad_batch(b, 8)
+        padded = pad_batch(b, 8)
         for k, value in g.items():
             padded[k][7:] = value
         garbage.append(padded)
-    par = T.ParallelStep(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
+    par = StepRunner(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
     st = par.put_state(tiny.state0)
     metrics = []
     for b, r in zip(garbage, tiny.rngs):
@@ -746,9 +745,9 @@ def test_padding_rows_do_not_change_the_update(tiny, ease_runs):
 def test_step_flags_a_nan_label(tiny, ease_runs):
     batch = {k: v.copy() for k, v in tiny.batches[0].items()}
     batch["labels"][2] = np.nan
-    par = T.ParallelStep(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
+    par = StepRunner(tiny.steps["pmap"], "pmap", devices=jax.devices()[:4])
     st = par.put_state(tiny.state0)
-    _, m = par(st, par.put_batch(T.pad_batch(batch, 8)), tiny.rngs[0])
+    _, m = par(st, par.put_batch(pad_batch(batch, 8)), tiny.rngs[0])
     m = host(par.metrics(m))
     assert float(m["nonfinite"]) == 1.0 and not np.isfinite(m["total"])
     from ease_jax.fit import NonFiniteLossError, _check_finite

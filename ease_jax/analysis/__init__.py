@@ -1,4 +1,4 @@
-"""Analyses of trained models (EASE Sec. 4.4-4.5, Appendix A.6; PROTOCOL.md section 11).
+"""Analyses of trained models (EASE Sec. 4.4-4.5, Appendix A.6; docs/protocol.md section 11).
 
 Pure NumPy functions of model outputs (NumPy or JAX arrays in, float64 NumPy / Python floats out):
 

@@ -1,4 +1,4 @@
-"""Calibration of the UCMI Gaussian imputer (EASE Fig. 4; PROTOCOL.md section 11).
+"""Calibration of the UCMI Gaussian imputer (EASE Fig. 4; docs/protocol.md section 11).
 
 For clean tokens c and the imputer's Gaussian (mu, var) (Eq. 1-2), a calibrated imputer gives
 standardized residuals (c - mu) / sqrt(var) distributed as N(0, 1). The paper summarises the fit by

@@ -1,4 +1,4 @@
-"""Cross-view prediction consistency (EASE Fig. 6 MOSEI, Fig. 9 MOSI; PROTOCOL.md section 11).
+"""Cross-view prediction consistency (EASE Fig. 6 MOSEI, Fig. 9 MOSI; docs/protocol.md section 11).
 
 Predictions of the same test samples from the completed (incomplete, imputed) input and from the
 observed full input: 1-D Wasserstein distance between the two prediction distributions, instance

@@ -1,7 +1,7 @@
 """Elastic vs rigid alignment penalties (EASE Fig. 5 MOSEI, Fig. 8 MOSI; Appendix A.6).
 
 Per test sample and modality, the reconstruction difficulty e = ||z - z_hat||^2 between the pooled
-clean tokens z and the pooled imputation z_hat (mean over tokens, as in L_uada, PROTOCOL.md section
+clean tokens z and the pooled imputation z_hat (mean over tokens, as in L_uada, docs/protocol.md section
 7). A rigid (uncertainty-blind) kernel penalises e as is; the elastic kernel of Eq. 6 divides it by
 psi = 1 + alpha * (u + u_hat) / 2 with the clean side at u = 0, so uncertain imputations are
 penalised less. The paper plots both against the percentile rank of e and reports

@@ -1,4 +1,4 @@
-"""Missingness simulation (PROTOCOL.md section 2): keep masks and their application.
+"""Missingness simulation (docs/protocol.md section 2): keep masks and their application.
 
 A *keep mask* is a bool array per modality, True = observed:
 
@@ -108,7 +108,7 @@ def _features_shape(arrays: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def eval_keep_masks(split: Any, rate: float, *, seed: int = 1111) -> dict[str, np.ndarray]:
-    """Reference evaluation keep masks at missing rate ``rate`` (PROTOCOL.md section 2).
+    """Reference evaluation keep masks at missing rate ``rate`` (docs/protocol.md section 2).
 
     For text ``np.random.seed(seed); u = np.random.uniform(size=(N, L))``,
     ``keep = (u > rate) * attention_mask``, then [CLS] and the last valid token are forced kept;
@@ -432,7 +432,7 @@ def _rates_core(key: jax.Array, n_split: int, n_modalities: int) -> jax.Array:
 
 def train_missing_rates(key: jax.Array, n_split: int) -> dict[str, jax.Array]:
     """Training missing rates (N,) of every sample of the training split, for "text", "audio",
-    "vision" (PROTOCOL.md section 2, the released `generate_m`).
+    "vision" (docs/protocol.md section 2, the released `generate_m`).
 
     r ~ U(0, 1) per sample, then exactly ``int(N / 2)`` samples of the WHOLE split (a uniformly
     random subset, drawn independently per modality) get r = 0. Modality i draws from the first

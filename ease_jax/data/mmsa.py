@@ -1,7 +1,7 @@
 """Safe loading and validation of MMSA-layout pickles (MOSI / MOSEI / SIMS).
 
 An MMSA pickle is ``{"train": split, "valid": split, "test": split}`` where every split is a dict of
-NumPy arrays (PROTOCOL.md section 1). This module turns such a dict into typed, validated
+NumPy arrays (docs/protocol.md section 1). This module turns such a dict into typed, validated
 :class:`Split` objects:
 
 * ``text_bert`` (N, 3, L) -> ``text_ids`` / ``text_mask`` / ``text_types`` (int32),

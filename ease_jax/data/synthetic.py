@@ -61,7 +61,7 @@ from ease_jax.data.mmsa import from_raw
 __all__ = ["PRESETS", "SMALL", "synthetic", "synthetic_data"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # PROTOCOL.md section 1 shapes; labels in [-label_max, label_max] on the given grids.
+    # docs/protocol.md section 1 shapes; labels in [-label_max, label_max] on the given grids.
     "mosi": {
         "n_train": 1284, "n_valid": 229, "n_test": 686, "text_len": 50,
         "audio_len": 375, "audio_dim": 5, "vision_len": 500, "vision_dim": 20, "text_dim": 768,

@@ -1,4 +1,4 @@
-"""Parts shared by EASE and LNLN: the three modality encoders (PROTOCOL.md section 5).
+"""Parts shared by EASE and LNLN: the three modality encoders (docs/protocol.md section 5).
 
 Model inputs are dicts of arrays with the data layer's canonical keys: `text_ids`, `text_mask`,
 `text_types` [B, L] (BERT mode) or `text_features` [B, L_f, D_t] (features mode), `audio`
@@ -35,13 +35,8 @@ def concat_batches(a: dict, b: dict) -> dict:
     return {k: jnp.concatenate([a[k], b[k]], 0) for k in a}
 
 
-# Row chunks of the encode-once path: the clean and the changed incomplete rows fill the first
-# chunks; the chunks left empty (about a quarter at the protocol's rates) are skipped.
-ENCODE_CHUNKS = 8
-
-
 def encode_rows_once(module: nn.Module, x_inc: jax.Array, x_clean: jax.Array,
-                     chunks: int = ENCODE_CHUNKS) -> tuple[jax.Array, jax.Array]:
+                     chunks: int = 8) -> tuple[jax.Array, jax.Array]:
     """`(module(x_inc), module(x_clean))` for a deterministic row-wise `module`, encoding every
     row whose incomplete input equals its clean input ONCE.
 
@@ -122,7 +117,8 @@ class MultimodalEncoder(nn.Module):
         if self.is_initializing() or not cfg.encode_once:  # (init: create the parameters)
             tokens = jnp.stack([enc(x) for enc, x in zip(encoders, sequences)])
             return tokens[:, :b], tokens[:, b:]
-        pairs = [encode_rows_once(enc, x[:b], x[b:]) for enc, x in zip(encoders, sequences)]
+        pairs = [encode_rows_once(enc, x[:b], x[b:], cfg.encode_chunks)
+                 for enc, x in zip(encoders, sequences)]
         return jnp.stack([h for h, _ in pairs]), jnp.stack([c for _, c in pairs])
 
 

@@ -1,4 +1,4 @@
-"""EASE (PROTOCOL.md section 6): encoders -> UCMI imputation -> completeness gate -> fusion,
+"""EASE (docs/protocol.md section 6): encoders -> UCMI imputation -> completeness gate -> fusion,
 plus the cross-view consistency views used in training.
 
 `EASE(cfg).apply(variables, inputs, clean=None, train=False, rngs=...)` returns a dict:

@@ -1,4 +1,4 @@
-"""LNLN (PROTOCOL.md section 8): encoders -> dominant modality correction (completeness check,
+"""LNLN (docs/protocol.md section 8): encoders -> dominant modality correction (completeness check,
 proxy generator behind a gradient-reversal layer, effectiveness discriminator) -> reconstructor ->
 dominant-modality-based multimodal learning (language Transformer, hyper-modality learner, cross
 Transformer) -> regressor.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Paper numbers (PROTOCOL.md section 10; EASE paper Tables 1-2): 10-rate means, paper protocol.
+# Paper numbers (docs/protocol.md section 10; EASE paper Tables 1-2): 10-rate means, paper protocol.
 PAPER_ROWS = {
     "mosi": {"EASE (paper)": [73.60, 74.71, 73.66, 74.79, 39.57, 35.75, 0.995, 0.573],
              "LNLN (paper)": [70.94, 72.55, 71.25, 72.73, 38.27, 34.26, 1.046, 0.527]},
@@ -213,7 +213,7 @@ def jsonable(x):
     return str(x)
 
 
-# Table 6 (PROTOCOL.md section 11): removing one modality = keeping the other two.
+# Table 6 (docs/protocol.md section 11): removing one modality = keeping the other two.
 SINGLE_MODALITY_ROWS = (("all (r = 0)", "per_rate", "0.0"), ("w/o {v}", "inter_modal", "la"),
                         ("w/o {a}", "inter_modal", "lv"), ("w/o {l}", "inter_modal", "av"))
 
@@ -247,7 +247,7 @@ def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(jsonable(obj), indent=1, allow_nan=True))
 
 
-# Table 4 columns (PROTOCOL.md section 11) and the metric whose paired difference is shown.
+# Table 4 columns (docs/protocol.md section 11) and the metric whose paired difference is shown.
 ABLATION_COLUMNS = {
     "mosi": (("F1 has0/non0", ("Has0_F1_score", "Non0_F1_score")), ("Acc-5", ("Mult_acc_5",)),
              ("MAE", ("MAE",))),

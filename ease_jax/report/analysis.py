@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ease_jax.data.missing import MODALITIES
-
 # The papers' numbers (docs/protocol.md section 11), quoted beside ours.
 PAPER_KS = "MOSEI test: audio 0.076, vision 0.083 (condition not stated)"
 PAPER_ELASTIC = "~0.4 for language (MOSEI / MOSI)"

@@ -3,6 +3,7 @@ EASE Table 5's efficiency layout, and the population engine, given the benchmark
 
 from __future__ import annotations
 
+
 def device_name(env: dict) -> str:
     if env["platform"] == "cpu":
         return f"CPU {env.get('cpu_model') or ''} ({env['host_cpus']} cores)".replace("  ", " ")
