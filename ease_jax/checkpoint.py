@@ -1,5 +1,9 @@
 """Checkpoints (the only module that imports Orbax).
 
+With several processes every process calls `save` / `restore` on the same shared directory;
+Orbax writes once and commits from process 0, and which checkpoint steps exist is taken from
+process 0's listing (`distributed.agree_steps`), so all processes run the same collectives.
+
 A run directory holds `latest/` (the full TrainState plus a JSON record of the host-side run state:
 epoch, selection bests, results so far; written every epoch, one kept) and `best/` (the honest
 protocol's selected parameters). `restore` lets an interrupted run continue exactly where
@@ -14,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ease_jax import distributed
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
@@ -33,14 +39,16 @@ def save(directory: str | Path, step: int, state: Any, record: dict | None = Non
     replacing what the directory held (also a checkpoint of the same step, as when a resumed
     or repeated run redoes an epoch). The new checkpoint is complete before the old ones go,
     except when it replaces the same step."""
+    distributed.barrier("checkpoint: before listing")
     with _manager(Path(directory)) as mngr:
-        if step in mngr.all_steps():
+        existing = distributed.agree_steps(mngr.all_steps())
+        if step in existing:
             mngr.delete(step)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_host(state)),
                                                 record=ocp.args.JsonSave(record or {})),
                   force=True)
         mngr.wait_until_finished()
-        for old in mngr.all_steps():
+        for old in existing:
             if old != step:
                 mngr.delete(old)
 

@@ -129,6 +129,29 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def agree(value: int) -> int:
+    """Process 0's value of a small integer, on every process (itself in one process): for
+    decisions a process would otherwise take from its own clock or file listing (when to save a
+    checkpoint, which checkpoint steps exist), so that all processes call the same collectives."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def agree_steps(steps, most: int = 64) -> list[int]:
+    """Process 0's list of (at most `most`) non-negative integers, on every process."""
+    if jax.process_count() == 1:
+        return [int(s) for s in steps]
+    from jax.experimental import multihost_utils
+
+    steps = sorted(int(s) for s in steps)[-most:]
+    padded = np.full(most, -1, np.int64)
+    padded[: len(steps)] = steps
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
+
+
 def check_same_data(sha256: str | None, source: str) -> None:
     """Stop with a DistributedError when the processes loaded different data: the sha256 of each
     process's file (or, for synthetic data, of its source recipe) is gathered and compared."""

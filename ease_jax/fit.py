@@ -127,7 +127,8 @@ def fit_population(run_cfg: RunConfig, data, runs: Sequence[Run], run_dirs: Sequ
         t2 = time.perf_counter()
         improved = fit.select(epoch, metrics, preds, train_s=t1 - t0, eval_s=t2 - t1)
         fit.keep_selected(epoch, improved)
-        if epoch == epochs - 1 or time.perf_counter() - fit.last_save >= checkpoint_seconds:
+        due = epoch == epochs - 1 or time.perf_counter() - fit.last_save >= checkpoint_seconds
+        if distributed.agree(due):  # process 0's clock decides for every process
             fit.save(epoch)
         fit.add_seconds(train_s=t1 - t0, eval_s=t2 - t1, host_s=time.perf_counter() - t2)
         bar.set_postfix(loss=f"{np.mean(metrics['total']):.3f}",

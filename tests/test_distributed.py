@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import re
 
 import jax
 import numpy as np
@@ -26,9 +26,9 @@ from multiprocess import run_job
 TIMEOUT = 600
 
 
-def sweep_argv(tiny_pickle, out, model: str, seeds: str) -> list[str]:
+def sweep_argv(tiny_pickle, out, model: str, seeds: str, every: str = "0") -> list[str]:
     return ["--data", str(tiny_pickle), "--model", model, "--seeds", seeds, "--epochs", "2",
-            "--batch-size", "8", "--text-encoder", "features", "--checkpoint-seconds", "0",
+            "--batch-size", "8", "--text-encoder", "features", "--checkpoint-seconds", every,
             "--no-progress", "--out", str(out)]
 
 
@@ -147,13 +147,16 @@ def test_single_run_data_parallel_across_processes_equals_one_process(tiny_pickl
 
 @pytest.mark.slow
 def test_interrupted_job_resumes_bit_identical(tiny_pickle, tmp_path, cache):
+    """Saved on a clock (--checkpoint-seconds 0.5): process 0's clock decides for all, so the
+    processes save at the same epochs."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    ok(job(2, 2, sweep_argv(tiny_pickle, full, "ease", "1111,1112"), cache))
-    interrupted = job(2, 2, sweep_argv(tiny_pickle, cut, "ease", "1111,1112"), cache,
+    ok(job(2, 2, sweep_argv(tiny_pickle, full, "ease", "1111,1112", "0.5"), cache))
+    interrupted = job(2, 2, sweep_argv(tiny_pickle, cut, "ease", "1111,1112", "0.5"), cache,
                       env={"EASE_JAX_TEST_INTERRUPT_AFTER_EPOCH": "1"})
     assert [code for code, _ in interrupted] == [3, 3], interrupted
     assert not (cut / "results.json").exists()
-    ok(job(2, 2, sweep_argv(tiny_pickle, cut, "ease", "1111,1112") + ["--resume"], cache))
+    ok(job(2, 2, sweep_argv(tiny_pickle, cut, "ease", "1111,1112", "0.5") + ["--resume"],
+           cache))
     assert "resumed after epoch 1" in (cut / "run.log").read_text()
     for s in (1111, 1112):
         a, b = _params(cut, s), _params(full, s)
@@ -173,10 +176,11 @@ def test_a_lost_peer_stops_the_job_and_it_resumes(tiny_pickle, tmp_path, cache):
     (code0, text0), (code1, _) = died
     assert code1 == 17  # the process the test killed
     assert code0 not in (0, None), text0[-3000:]  # the survivor stopped by itself, with an error
-    assert "1" in text0 and any(w in text0.lower() for w in ("task", "process", "peer")), \
-        text0[-3000:]
-    shutil.rmtree(out / "seed_1111" / "best", ignore_errors=True)
-    ok(job(2, 2, argv + ["--resume"], cache))
+    # JAX's coordination service names the silent task: "Task 1 heartbeat timeout ... The
+    # following tasks are unhealthy (stopped sending heartbeats): 1".
+    assert re.search(r"Task 1 heartbeat timeout|unhealthy[^:]*:\s*1\b", text0), text0[-3000:]
+    resumed = ok(job(2, 2, argv + ["--resume"], cache))
+    assert "resumed after epoch 1" in resumed[0][1]  # from the checkpoint of epoch 1
     assert (out / "results.json").is_file()
 
 
