@@ -33,7 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_run_arguments(p, None)
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>_ablation)")
     args = p.parse_args(argv)
-    args.data = args.data or cli.DEFAULT_DATA[args.dataset]
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in ABLATIONS]
     if unknown or not args.variant_list:

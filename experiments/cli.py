@@ -25,10 +25,11 @@ def add_run_arguments(p: argparse.ArgumentParser, dataset: str | None) -> None:
     """The options every training command shares (data, seeds, optimisation, text encoder,
     precision, devices, populations, resume). `dataset=None`: --data defaults to None (the
     command fills in its data set's default path)."""
-    p.add_argument("--data", default=DEFAULT_DATA[dataset] if dataset else None,
-                   help="MMSA pickle (default: " + (DEFAULT_DATA[dataset] if dataset else
-                                                    "the data set's data/<DATASET>/Processed "
-                                                    "pickle") + "); synthetic data when absent")
+    p.add_argument("--data", default=None,
+                   help="MMSA pickle; a path given here must exist (default: "
+                        + (DEFAULT_DATA[dataset] if dataset else
+                           "the data set's data/<DATASET>/Processed pickle")
+                        + ", and synthetic data, said loudly, when that default is absent)")
     p.add_argument("--synthetic", choices=("small", "full"), default="small",
                    help="without the pickle: small = the quick configuration (few samples and "
                         "frames, a narrower model, 24 epochs; default), full = synthetic data at "
@@ -148,14 +149,23 @@ def enable_compilation_cache() -> None:
 
 
 def load_data(args, dataset: str, log):
-    """(MMSAData, is_synthetic): the pickle at --data, or, when it is absent, the synthetic
-    stand-in of --synthetic (`data.synthetic.synthetic_data`), said loudly."""
-    from ease_jax.data.mmsa import load_mmsa
+    """(MMSAData, is_synthetic): the pickle at --data, or at the data set's default path; only when
+    --data is not given and the default is absent, the synthetic stand-in of --synthetic
+    (`data.synthetic.synthetic_data`), said loudly. A --data path that does not exist, or a file
+    that is not a valid MMSA pickle, ends the command with one `error: ...` line naming it."""
+    from ease_jax.data.mmsa import MMSAFormatError, load_mmsa
     from ease_jax.data.synthetic import synthetic_data
 
-    path = Path(args.data)
+    path = Path(args.data or DEFAULT_DATA[dataset])
+    if args.data is not None and not path.is_file():
+        raise SystemExit(f"error: --data {path}: no such file (give the path of an MMSA pickle; "
+                         f"without --data the default {DEFAULT_DATA[dataset]} is read, and "
+                         "synthetic data are used only when that default is absent)")
     if path.is_file():
-        return load_mmsa(path), False
+        try:
+            return load_mmsa(path), False
+        except MMSAFormatError as e:
+            raise SystemExit(f"error: {e}") from None
     size = getattr(args, "synthetic", "small")
     log(f"NOTE: {path} not found. Put the MMSA pickle there ({DEFAULT_DATA[dataset]}: a dict "
         "with train/valid/test splits holding text_bert, text, audio, vision, audio_lengths, "
@@ -201,7 +211,8 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
                      precision=getattr(args, "precision", "fp32"))
     if text_encoder == "features":
         if data.train.text_features is None:
-            raise SystemExit(f"--text-encoder features needs the `text` key in {args.data}")
+            raise SystemExit(f"error: --text-encoder features needs the `text` key in "
+                             f"{data.source}")
         overrides.update(text_len=dims["L_f"], text_dim=dims["D_t"])
     else:
         overrides.update(text_len=dims["L"])

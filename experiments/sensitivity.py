@@ -30,7 +30,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="output directory (default runs/<dataset>_sensitivity)")
     args = p.parse_args(argv)
-    args.data = args.data or cli.DEFAULT_DATA[args.dataset]
     try:
         args.value_list = [float(v) for v in args.values.split(",") if v.strip()]
     except ValueError:

@@ -159,13 +159,13 @@ def test_sensitivity_end_to_end(tiny_pickle, tmp_path, tiny_model):
 def test_command_arguments():
     a = ablation.parse_args([])
     assert a.dataset == "mosi" and a.variant_list == list(S.ABLATIONS)
-    assert a.data == cli.DEFAULT_DATA["mosi"]
+    assert a.data is None  # the data set's default path, resolved by cli.load_data
     assert ablation.parse_args(["--variants", "w/o MIPC"]).variant_list == ["EASE", "w/o MIPC"]
     with pytest.raises(SystemExit):
         ablation.parse_args(["--variants", "w/o nothing"])
     s = sensitivity.parse_args([])
     assert s.dataset == "mosei" and s.value_list == list(S.SENSITIVITY_VALUES)
-    assert s.data == cli.DEFAULT_DATA["mosei"]
+    assert s.data is None
     for bad in ("a,b", "-1", ","):
         with pytest.raises(SystemExit):
             sensitivity.parse_args(["--values", bad])

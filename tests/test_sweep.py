@@ -56,14 +56,14 @@ def args_for(dataset="mosi", *argv):
 
 def test_parse_args_defaults():
     a = sweep.parse_args("mosi", [])
-    assert a.data == "data/MOSI/Processed/unaligned_50.pkl"
+    assert a.data is None and cli.DEFAULT_DATA["mosi"] == "data/MOSI/Processed/unaligned_50.pkl"
     assert (a.model, a.batch_size, a.parallel, a.loss_preset) == (("ease", "lnln"), 64, None,
                                                                   "code")
     cli.start_distributed(a)  # one process: --parallel defaults to pmap
     assert a.parallel == "pmap" and not a.distributed
     assert a.seeds is None and a.epochs is None and a.lr is None and a.text_encoder is None
     assert not a.resume and not a.no_progress and not a.burst
-    assert sweep.parse_args("sims", []).data == "data/SIMS/Processed/unaligned_39.pkl"
+    assert cli.DEFAULT_DATA["sims"] == "data/SIMS/Processed/unaligned_39.pkl"
     assert sweep.parse_args("mosi", ["--model", "lnln"]).model == ("lnln",)
     assert sweep.parse_args("mosi", ["--model", "LNLN, ease"]).model == ("lnln", "ease")
     for bad in ("transformer", "ease,ease", ",", ""):
@@ -110,12 +110,11 @@ def load_mmsa_synthetic():
                               audio_len=3, vision_len=3), source="synthetic:test")
 
 
-def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
+def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path, monkeypatch):
     logged = []
     missing = tmp_path / "nowhere" / "unaligned_50.pkl"
-    data, is_synthetic = cli.load_data(
-        argparse.Namespace(data=str(missing)), "mosi", logged.append
-    )
+    monkeypatch.setitem(cli.DEFAULT_DATA, "mosi", str(missing))  # the default path, absent
+    data, is_synthetic = cli.load_data(argparse.Namespace(data=None), "mosi", logged.append)
     assert is_synthetic is True
     assert len(logged) == 1 and logged[0].startswith("NOTE:")
     assert str(missing) in logged[0] and "SYNTHETIC" in logged[0] and "--data" in logged[0]
@@ -125,9 +124,27 @@ def test_load_data_falls_back_to_synthetic_with_a_note(tmp_path):
     assert data.dims["L"] == SMALL["text_len"]
 
 
-def test_synthetic_full_is_the_real_data_sets_shapes_and_settings(tmp_path):
+def test_an_explicit_data_path_must_exist(tmp_path):
+    """A typo in --data is an error naming the path, never a run on synthetic data."""
+    typo = tmp_path / "typo.pkl"
+    with pytest.raises(SystemExit, match=re.escape(f"error: --data {typo}: no such file")):
+        cli.load_data(args_for("mosi", "--data", str(typo)), "mosi", print)
+
+
+def test_a_truncated_pickle_is_one_error_line(tiny_pickle, tmp_path):
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(tiny_pickle.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as info:
+        cli.load_data(args_for("mosi", "--data", str(cut)), "mosi", print)
+    message = str(info.value)
+    assert message.startswith("error: ") and "truncated" in message and str(cut) in message
+    assert "\n" not in message
+
+
+def test_synthetic_full_is_the_real_data_sets_shapes_and_settings(tmp_path, monkeypatch):
     logged = []
-    args = args_for("mosi", "--data", str(tmp_path / "none.pkl"), "--synthetic", "full")
+    monkeypatch.setitem(cli.DEFAULT_DATA, "mosi", str(tmp_path / "none.pkl"))
+    args = args_for("mosi", "--synthetic", "full")
     data, is_synthetic = cli.load_data(args, "mosi", logged.append)
     assert is_synthetic and "--synthetic full" in logged[0]
     assert (data.train.n, data.valid.n, data.test.n) == (1284, 229, 686)  # docs/protocol.md 1
