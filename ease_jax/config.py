@@ -21,6 +21,8 @@ MODELS = ("ease", "lnln")
 TEXT_ENCODERS = ("bert", "features")
 PRECISIONS = ("fp32", "bf16")
 BERT_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+RATE_INPUTS = ("observed", "drawn")
+TRAIN_MASKS = ("redrawn", "released")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,11 @@ class ModelConfig:
     view_keep_prob: float = 0.5
     use_ucmi: bool = True  # EASE ablation "w/o UCMI": no imputer, no gate; fusion sees h_m
     sample_at_eval: bool = False  # EASE: z_hat = mu at evaluation unless True
+    # What EASE's gate reads as r_m and LNLN's L_cc targets (docs/protocol.md section 12 item 2):
+    # "observed" = the dropped fraction of valid positions, computed from the input (default);
+    # "drawn" = the released code's rate label: the sample's drawn training rate, and at
+    # evaluation the condition's nominal rate (1.0 for a modality a kept subset leaves out).
+    rate_input: str = "observed"
     bert: BertConfig | None = None  # BERT mode's encoder; None = bert-base-uncased
     # BERT dropout during training (section 5): None = the checkpoint config's rates (0.1 for
     # bert-base and MiniLM), as the papers' code fine-tunes BERT in train mode; a number sets both
@@ -164,6 +171,9 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
             )
+        if self.rate_input not in RATE_INPUTS:
+            raise ValueError(
+                f"ModelConfig.rate_input must be one of {RATE_INPUTS}, got {self.rate_input!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"ModelConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -266,11 +276,40 @@ class TrainConfig:
     warmup_epochs: int = 20
     seeds: tuple[int, ...] = (1111, 1112, 1113)
     eval_rate: float = 0.5  # r at which checkpoints are selected (section 4)
+    # Training masks (docs/protocol.md sections 2 and 12 item 1): "redrawn" = new rates and masks
+    # every epoch from the run's JAX key (default); "released" = the released `generate_m` masks,
+    # drawn once with NumPy from the run's seed and fixed for the whole run
+    # (`data.missing.released_train_masks`).
+    train_masks: str = "redrawn"
+
+    def __post_init__(self):
+        if self.train_masks not in TRAIN_MASKS:
+            raise ValueError(
+                f"TrainConfig.train_masks must be one of {TRAIN_MASKS}, got {self.train_masks!r}")
 
     def learning_rate(self, model: str) -> float:
         if self.lr is not None:
             return self.lr
         return 1e-5 if model == "ease" else 1e-4
+
+
+# The released code's behaviour and this project's default, as the switches that differ
+# (docs/protocol.md section 12 items 1-3; `--behaviour`).
+BEHAVIOURS = {
+    "default": dict(train_masks="redrawn", rate_input="observed", sample_at_eval=False),
+    "released": dict(train_masks="released", rate_input="drawn", sample_at_eval=True),
+}
+
+
+def behaviour(model: ModelConfig, train: TrainConfig) -> dict[str, str]:
+    """The switches of a run as results files record them: {"train_masks": "redrawn" |
+    "released", "rate_input": "observed" | "drawn", "eval_z": "mean" | "sampled", "name":
+    "default" | "released" | "mixed"}."""
+    switches = dict(train_masks=train.train_masks, rate_input=model.rate_input,
+                    sample_at_eval=model.sample_at_eval)
+    name = next((k for k, v in BEHAVIOURS.items() if v == switches), "mixed")
+    return {"train_masks": train.train_masks, "rate_input": model.rate_input,
+            "eval_z": "sampled" if model.sample_at_eval else "mean", "name": name}
 
 
 def scaled_warmup(epochs: int, warmup: int = 20) -> int:

@@ -13,6 +13,7 @@ protocol, computed once per split and condition (`MaskBank`) and shared by every
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -107,17 +108,26 @@ class MaskBank:
         self._cache: dict[str, dict] = {}
 
     def get(self, kind: str, value) -> dict:
+        """The condition's keep masks (`data.missing`) plus "nominal_rate" [N, 3] float32: its
+        rate per modality (text, audio, vision) as the released code labels it (the rate of a
+        rate or burst condition; 1.0 for a modality a kept subset leaves out, 0 for a kept one),
+        which a model with `ModelConfig.rate_input = "drawn"` reads."""
         key = condition_name(kind, value)
         if key not in self._cache:
             if kind == "rate":
-                self._cache[key] = eval_keep_masks(self.split, value, seed=self.seed)
+                masks = eval_keep_masks(self.split, value, seed=self.seed)
+                nominal = [value] * 3
             elif kind == "subset":
-                self._cache[key] = inter_modal_keep_masks(self.split, value)
+                masks = inter_modal_keep_masks(self.split, value)
+                nominal = [0.0 if letter in value else 1.0 for letter in "lav"]
             elif kind == "burst":
-                self._cache[key] = burst_keep_masks(self.split, value, mean_burst=self.mean_burst,
-                                                    seed=self.seed)
+                masks = burst_keep_masks(self.split, value, mean_burst=self.mean_burst,
+                                         seed=self.seed)
+                nominal = [value] * 3
             else:
                 raise ValueError(f"unknown evaluation condition kind {kind!r}")
+            rate = np.broadcast_to(np.asarray(nominal, np.float32), (self.split.n, 3))
+            self._cache[key] = masks | {"nominal_rate": np.ascontiguousarray(rate)}
         return self._cache[key]
 
     def keep(self, condition) -> dict:
@@ -231,10 +241,93 @@ def constant_baseline(train_labels: np.ndarray, test_labels: np.ndarray, dataset
     return constant | {"value": median}
 
 
+# Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1 ... 30 (scipy.stats.t.ppf).
+_T975 = (12.706204736174694, 4.302652729749462, 3.1824463052837078, 2.7764451051977934,
+         2.5705818356363146, 2.4469118511449786, 2.364624251592784, 2.306004135204166,
+         2.262157162798205, 2.228138851986274, 2.200985160091639, 2.1788128296672284,
+         2.1603686564627913, 2.144786687917804, 2.131449545559776, 2.1199052992212546,
+         2.1098155778333156, 2.1009220402410382, 2.0930240544083087, 2.085963447265864,
+         2.0796138447276795, 2.0738730679040254, 2.0686576104190486, 2.0638985616280245,
+         2.0595385527532972, 2.0555294386428735, 2.0518305164802846, 2.0484071417952454,
+         2.045229642132703, 2.0422724563012378)
+_Z975 = 1.959963984540054
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}: the table above, beyond it the Cornish-Fisher expansion in 1/df (within
+    3e-8 of the exact quantile at df = 31, closer for more), so no scipy is needed."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, v = _Z975, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict:
+    """Mean of the paired differences `values[i] - reference[i]` (the same seed i) with a 95%
+    Student-t interval: {"mean", "lo", "hi", "n"}; the interval is NaN with one pair. The one
+    implementation of a paired comparison (models, protocols, ablation variants)."""
+    d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"paired_difference: expected two equal-length vectors, got {d.shape}")
+    mean = float(d.mean())
+    if d.size < 2:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": 1}
+    half = t975(d.size - 1) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(d.size)}
+
+
+_SUMMARIES = (("per_rate", "mean_over_rates"), ("inter_modal", "mean_over_subsets"))
+
+
+def paired_tables(tables: list[dict], reference: list[dict]) -> dict:
+    """Paired differences `tables[i] - reference[i]` of two lists of per-seed protocol tables
+    (`protocol_table`, same seed i): {"per_rate": {rate: {metric: d}}, "mean_over_rates":
+    {metric: d}, "inter_modal": {subset: {metric: d}}, "mean_over_subsets": {metric: d}}, d a
+    `paired_difference`; the means are each seed's mean over the conditions, then paired. A
+    section the reference lacks (no kept-subset results) is left out."""
+    if len(tables) != len(reference):
+        raise ValueError(f"paired_tables: {len(tables)} tables vs {len(reference)} reference")
+
+    def paired_rows(rows: list[dict], ref_rows: list[dict]) -> dict:
+        return {m: paired_difference([r[m] for r in rows], [r[m] for r in ref_rows])
+                for m in ref_rows[0]}
+
+    out: dict = {}
+    for section, summary in _SUMMARIES:
+        conds = reference[0].get(section, {})
+        if not conds:
+            continue
+        out[section] = {c: paired_rows([t[section][c] for t in tables],
+                                       [t[section][c] for t in reference]) for c in conds}
+        out[summary] = paired_rows([condition_mean(t[section]) for t in tables],
+                                   [condition_mean(t[section]) for t in reference])
+    return out
+
+
+def selection_inflation(paper: list[dict], honest: list[dict]) -> dict:
+    """How much selecting checkpoints on the test split flatters each number: the paper
+    protocol's minus the honest protocol's condition mean, paired by seed (`paper[i]`, `honest[i]`
+    one seed's protocol tables): {"per_rate_mean": {metric: d}, "subset_mean": {metric: d}}, d a
+    `paired_difference`; "subset_mean" only with kept-subset results. Negative for MAE and
+    positive for the others = the paper protocol reads better."""
+    d = paired_tables(paper, honest)
+    out = {"per_rate_mean": d["mean_over_rates"]}
+    if "mean_over_subsets" in d:
+        out["subset_mean"] = d["mean_over_subsets"]
+    return out
+
+
 def compare_models(per_model: dict) -> dict:
-    """Side-by-side view of several models' results on the same data: per protocol, each model's
-    per-rate test metrics, 10-rate mean, inter-modal rows and mean, and the constant baseline."""
-    first = next(iter(per_model.values()))
+    """Side-by-side view of several models' results on the same data (`per_model[model]` a
+    sweep's results dict, with its per-seed tables in results["seeds"][seed]["honest" / "paper"]):
+    per protocol, each model's per-rate test metrics, 10-rate mean, inter-modal rows and mean,
+    and the constant baseline; "seeds" {model: [seed]}; "behaviour" {model: results'
+    "behaviour" or None}; and "paired": {"reference": the first model, "models": {other model:
+    {"seeds": [the seeds both have, in the first model's order], "protocols": {protocol:
+    `paired_tables`(other, first)}}}} (a model sharing no seed with the first is left out)."""
+    first_name, first = next(iter(per_model.items()))
     out = {"dataset": first["dataset"], "data": first["data"],
            "baselines": first["baselines"], "protocols": {}}
     for proto in ("honest", "paper"):
@@ -243,4 +336,15 @@ def compare_models(per_model: dict) -> dict:
                     ("per_rate", "mean_over_rates", "inter_modal", "mean_over_subsets")}
             for model, res in per_model.items()}
     out["seeds"] = {model: list(res["seeds"]) for model, res in per_model.items()}
+    out["behaviour"] = {model: res.get("behaviour") for model, res in per_model.items()}
+    paired = {}
+    for model, res in list(per_model.items())[1:]:
+        # Pair by seed, not by position: only seeds both models ran count.
+        seeds = [s for s in first["seeds"] if s in res["seeds"]]
+        if seeds:
+            paired[model] = {"seeds": seeds, "protocols": {
+                proto: paired_tables([res["seeds"][s][proto] for s in seeds],
+                                     [first["seeds"][s][proto] for s in seeds])
+                for proto in ("honest", "paper")}}
+    out["paired"] = {"reference": first_name, "models": paired}
     return out

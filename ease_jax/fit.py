@@ -160,7 +160,7 @@ class _PopulationFit:
         n_runs = len(self.runs)
         self.prog = get_program(mcfg, self.run_cfg.loss, tcfg, data.train.n, n_runs, **program)
         host_state = init_population(mcfg, tcfg, self.run_cfg.loss, self.runs, self.prog.steps,
-                                     params)
+                                     params, train_split=data.train)
         if resume and checkpoint.latest_step(self.latest) is not None:
             host_state = self._restore(host_state)
         else:

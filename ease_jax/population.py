@@ -57,7 +57,16 @@ from ease_jax.train import (
 )
 
 RUNS = distributed.RUNS
-EVAL_ROWS = 256  # rows per evaluation batch, summed over the runs evaluated together
+# Rows per evaluation batch, summed over the runs evaluated together: 64 on a CPU, where a
+# batch of 256 ran 1.45x slower per sample (EASE at MOSI shapes, 2-core AMD EPYC; 16-64 rows are
+# alike: the working set of the long-sequence attention fits the caches), 256 on accelerators.
+EVAL_ROWS = {"cpu": 64}
+EVAL_ROWS_ACCELERATOR = 256
+
+
+def default_eval_rows(devices) -> int:
+    """Evaluation rows per batch on these devices (`EVAL_ROWS`)."""
+    return EVAL_ROWS.get(devices[0].platform, EVAL_ROWS_ACCELERATOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +130,16 @@ def unstack(tree: Any, i: int) -> Any:
 
 
 def init_population(model_cfg: ModelConfig, train_cfg: TrainConfig, base_loss: LossConfig,
-                    runs: Sequence[Run], spe: int, params: Sequence[Any] | None = None) -> TrainState:
+                    runs: Sequence[Run], spe: int, params: Sequence[Any] | None = None,
+                    train_split: Any = None) -> TrainState:
     """The stacked host state of `runs` ([P] on every leaf): each run's `create_state` (its
-    parameters from `params[i]` when given, else initialised from its seed)."""
+    parameters from `params[i]` when given, else initialised from its seed; `train_split` for
+    released training masks)."""
     check_population(runs, base_loss, model_cfg)
     params = list(params) if params is not None else [None] * len(runs)
     states = [jax.device_get(create_state(model_cfg, train_cfg, r.seed, spe, params=p,
-                                          loss_cfg=r.loss or base_loss, lr=r.lr))
+                                          loss_cfg=r.loss or base_loss, lr=r.lr,
+                                          train_split=train_split))
               for r, p in zip(runs, params)]
     return stack(states)
 
@@ -149,15 +161,16 @@ class PopulationProgram:
 
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
                  n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
-                 run_devices: int | None = None, eval_rows: int = EVAL_ROWS,
+                 run_devices: int | None = None, eval_rows: int | None = None,
                  run_batch: int | None = None):
         if parallel not in ("pmap", "shard_map"):
             raise ValueError(f"parallel mode must be 'pmap' or 'shard_map', got {parallel!r}")
         if run_batch is not None and run_batch < 1:
             raise ValueError(f"run_batch must be >= 1, got {run_batch}")
         self.model_cfg, self.train_cfg, self.parallel = model_cfg, train_cfg, parallel
-        self.n_train, self.n_runs, self.eval_rows = n_train, n_runs, eval_rows
+        self.n_train, self.n_runs = n_train, n_runs
         self.devices = list(devices or distributed.global_devices())
+        self.eval_rows = eval_rows or default_eval_rows(self.devices)
         n_processes = len({d.process_index for d in self.devices})
         self.r, self.d = mesh_shape(n_runs, len(self.devices), parallel, run_devices,
                                     n_processes)
@@ -317,7 +330,7 @@ def _cached_program(*args, **kwargs) -> PopulationProgram:
 
 def get_program(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
                 n_train: int, n_runs: int, *, parallel: str = "pmap", devices=None,
-                run_devices: int | None = None, eval_rows: int = EVAL_ROWS,
+                run_devices: int | None = None, eval_rows: int | None = None,
                 run_batch: int | None = None) -> PopulationProgram:
     """A `PopulationProgram`, shared by every caller with the same arguments (the 8 most recent
     are kept), so populations of the same shapes, e.g. the groups of `--population N` or a
@@ -362,7 +375,8 @@ def run_footprint_bytes(run_cfg: RunConfig, train_arrays: dict) -> dict:
     prog = PopulationProgram(mcfg, run_cfg.loss, tcfg, n_train, 1, parallel="shard_map",
                              devices=jax.local_devices()[:1], run_batch=1)
     state = jax.eval_shape(lambda: stack_shapes(
-        [create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss)]))
+        [create_state(mcfg, tcfg, 0, prog.steps, loss_cfg=run_cfg.loss,
+                      train_split=train_arrays)]))
     train = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
              for k, v in train_arrays.items()}
     mem = prog.lower_epoch(state, train).compile().memory_analysis()

@@ -1,5 +1,6 @@
 """The papers' studies as sets of runs (docs/protocol.md section 11): Table 4's ablation variants and
-Fig. 7's loss-weight sensitivity grid, plus the statistics that compare runs over seeds.
+Fig. 7's loss-weight sensitivity grid, plus their summaries over seeds (the paired statistics
+are `evaluate.paired_difference`).
 
 A study is a list of `population.Run`s handed to `fit.fit_runs`, which trains every group of runs
 that share a program (same model, same program-shaping loss fields) as one population: the
@@ -10,12 +11,15 @@ no gate) are a second program.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
-import numpy as np
-
 from ease_jax.config import LossConfig, ModelConfig
+from ease_jax.evaluate import (  # paired_difference: the one implementation, re-exported
+    aggregate,
+    condition_mean,
+    paired_difference,
+    protocol_table,
+)
 from ease_jax.population import Run
 
 # Table 4 (EASE, MOSI), the one definition of every variant: name -> (ModelConfig changes,
@@ -91,26 +95,6 @@ def sensitivity_runs(loss_cfg: LossConfig, seeds: Sequence[int],
             for name, ws in settings.items() for s in seeds]
 
 
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict:
-    """Mean of the paired differences `values[i] - reference[i]` (the same seed i) with a 95%
-    Student-t interval: {"mean", "lo", "hi", "n"}; the interval is NaN with one pair."""
-    d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
-    if d.ndim != 1 or d.size == 0:
-        raise ValueError(f"paired_difference: expected two equal-length vectors, got {d.shape}")
-    mean = float(d.mean())
-    if d.size < 2:
-        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": 1}
-    t = _T975[d.size - 2] if d.size - 1 <= len(_T975) else 1.960
-    half = t * float(d.std(ddof=1)) / math.sqrt(d.size)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(d.size)}
-
-
 PROTOCOLS = ("honest", "paper")
 
 
@@ -120,8 +104,6 @@ def summarize_groups(dataset: str, groups: dict[str, list[dict]],
     same seed order in every group): both protocols' aggregates over seeds (`evaluate.aggregate`),
     each seed's 10-rate means, and, with `reference`, every metric's paired difference of the
     10-rate means from the reference group (same seeds)."""
-    from ease_jax.evaluate import aggregate, condition_mean, protocol_table
-
     out = {}
     for name, records in groups.items():
         tables = {p: [protocol_table(dataset, r["selected"], p) for r in records]

@@ -33,7 +33,13 @@ import optax
 
 from ease_jax.anchors import init_anchors
 from ease_jax.config import LOSS_WEIGHTS, LossConfig, ModelConfig, TrainConfig
-from ease_jax.data.missing import apply_keep_masks, train_keep_masks
+from ease_jax.data.missing import (
+    MODALITIES,
+    apply_keep_masks,
+    released_train_masks,
+    train_keep_masks,
+    train_missing_rates,
+)
 from ease_jax.models import build_model, init_params
 from ease_jax.objectives import model_loss
 
@@ -47,7 +53,11 @@ class TrainState(flax.struct.PyTreeNode):
     order_rng: the base key of the data order (epoch e shuffles with fold_in(order_rng, e));
     the keys are raw uint32 key data. hparams: the run's numbers that leave the program unchanged,
     float32 scalars `{"lr": base learning rate, <every LOSS_WEIGHTS name>: weight}` (so runs that
-    differ only in them train as one population, `ease_jax.population`)."""
+    differ only in them train as one population, `ease_jax.population`).
+    fixed_masks: None (masks redrawn every epoch from `mask_rng`), or with
+    `TrainConfig.train_masks = "released"` the run's fixed training masks of the whole split
+    (`data.missing.released_train_masks`: "text" [N, L], ("text_features" [N, L_f]), "audio"
+    [N, T_a], "vision" [N, T_v] bool, "rate" [N, 3] the drawn rates), set by `create_state`."""
 
     step: jax.Array
     params: Any
@@ -57,6 +67,9 @@ class TrainState(flax.struct.PyTreeNode):
     mask_rng: jax.Array
     order_rng: jax.Array
     hparams: Any
+    fixed_masks: Any = None
+
+
 
 
 def run_hparams(loss_cfg: LossConfig, lr: float) -> dict:
@@ -95,10 +108,12 @@ def make_optimizer(train_cfg: TrainConfig, steps_per_epoch: int):
 
 def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, steps_per_epoch: int,
                  params: Any = None, loss_cfg: LossConfig | None = None,
-                 lr: float | None = None) -> TrainState:
+                 lr: float | None = None, train_split: Any = None) -> TrainState:
     """A fresh TrainState for `seed` (params initialised from it unless given, e.g. with
     pretrained BERT weights already inserted); `loss_cfg` (default `LossConfig()`) and `lr`
-    (default the train config's) give its `hparams`."""
+    (default the train config's) give its `hparams`. With `train_cfg.train_masks = "released"`
+    the state holds the run's fixed training masks of `train_split` (a `Split` or its arrays),
+    which is then required."""
     k_init, k_run, k_masks, k_order = jax.random.split(jax.random.key(seed), 4)
     if params is None:
         params = init_params(model_cfg, k_init)
@@ -109,7 +124,17 @@ def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, step
                       anchors=anchors, rng=jax.random.key_data(k_run),
                       mask_rng=jax.random.key_data(k_masks),
                       order_rng=jax.random.key_data(k_order),
-                      hparams=run_hparams(loss_cfg or LossConfig(), lr))
+                      hparams=run_hparams(loss_cfg or LossConfig(), lr),
+                      fixed_masks=_fixed_masks(train_cfg, train_split, seed))
+
+
+def _fixed_masks(train_cfg: TrainConfig, train_split: Any, seed: int) -> dict | None:
+    if train_cfg.train_masks == "redrawn":
+        return None
+    if train_split is None:
+        raise ValueError("create_state: TrainConfig.train_masks='released' fixes the masks of the "
+                         "training split, so pass train_split")
+    return released_train_masks(train_split, seed)
 
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig,
@@ -140,7 +165,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: Tra
         if axis_name is not None:
             k_dropout = jax.random.fold_in(k_dropout, jax.lax.axis_index(axis_name))
         inputs, _ = train_inputs(state, batch, n_train=n_train, steps_per_epoch=steps_per_epoch,
-                                 text_mode=text_mode)
+                                 text_mode=text_mode, rate_input=model_cfg.rate_input)
         target = dict(batch, missing_rate=inputs["missing_rate"])
         weights = {k: state.hparams[k] for k in LOSS_WEIGHTS}
 
@@ -175,15 +200,27 @@ def epoch_mask_key(mask_rng: jax.Array, epoch) -> jax.Array:
 
 
 def train_inputs(state: TrainState, batch: dict, *, n_train: int, steps_per_epoch: int,
-                 text_mode: str) -> tuple[dict, dict]:
+                 text_mode: str, rate_input: str = "observed") -> tuple[dict, dict]:
     """The incomplete inputs the train step feeds the model, and the keep masks behind them:
-    masks of the batch's rows (`batch["index"]`) from the current epoch's key, applied; the
-    inputs' `missing_rate` [B, 3] is the OBSERVED missing fraction (what EASE's gate and LNLN's
-    completeness target read; section 7), not the drawn rate."""
-    epoch = state.step // steps_per_epoch
-    keep = train_keep_masks(epoch_mask_key(state.mask_rng, epoch), batch, n_split=n_train,
-                            text_mode=text_mode)
-    return apply_keep_masks(batch, keep, text_mode=text_mode), keep
+    masks of the batch's rows (`batch["index"]`), from the current epoch's key or, in released
+    mode, the run's fixed masks (`TrainState.fixed_masks`), applied. The inputs' `missing_rate`
+    [B, 3] (what EASE's gate and LNLN's completeness target read; section 7) is the OBSERVED
+    missing fraction, or with `rate_input="drawn"` the rows' drawn rates (section 12 item 2)."""
+    index = jnp.asarray(batch["index"], jnp.int32)
+    if state.fixed_masks is not None:
+        keep = {k: v[index] for k, v in state.fixed_masks.items() if k != "rate"}
+        drawn = state.fixed_masks["rate"][index]
+    else:
+        key = epoch_mask_key(state.mask_rng, state.step // steps_per_epoch)
+        keep = train_keep_masks(key, batch, n_split=n_train, text_mode=text_mode)
+        drawn = None
+        if rate_input == "drawn":  # the same rates `train_keep_masks` drew (same key)
+            rates = train_missing_rates(key, n_train)
+            drawn = jnp.stack([rates[m] for m in MODALITIES], axis=1)[index]
+    inputs = apply_keep_masks(batch, keep, text_mode=text_mode)
+    if rate_input == "drawn":
+        inputs["missing_rate"] = drawn.astype(jnp.float32)
+    return inputs, keep
 
 
 def tx_lr(step, train_cfg: TrainConfig, steps_per_epoch: int, base_lr) -> jax.Array:
@@ -256,13 +293,25 @@ def forward(cfg: ModelConfig, params: Any, batch: dict, keep: dict, key: jax.Arr
     prediction under those masks. Jit it; XLA drops what the caller does not read.
     """
     model = build_model(cfg)
-    mode = cfg.text_encoder
     rngs = {"noise": key} if cfg.sample_at_eval else {}
-    inputs = apply_keep_masks(batch, keep, text_mode=mode)
+    inputs = eval_inputs(cfg, batch, keep)
     out = model.apply({"params": params}, inputs, batch if clean else None, train=False, rngs=rngs)
     res = {"pred": out["pred"], "missing_rate": inputs["missing_rate"]}
     res.update({k: out[k] for k in DIAGNOSTICS + (CLEAN_DIAGNOSTICS if clean else ()) if k in out})
     if full_keep is not None:
-        full = apply_keep_masks(batch, full_keep, text_mode=mode)
+        full = eval_inputs(cfg, batch, full_keep)
         res["pred_full"] = model.apply({"params": params}, full, train=False, rngs=rngs)["pred"]
     return res
+
+
+def eval_inputs(cfg: ModelConfig, batch: dict, keep: dict) -> dict:
+    """The incomplete evaluation inputs: `keep` applied; their `missing_rate` [B, 3] is the
+    observed fraction, or with `cfg.rate_input == "drawn"` the condition's nominal rate
+    `keep["nominal_rate"]` (what `evaluate.MaskBank` gives every condition)."""
+    inputs = apply_keep_masks(batch, keep, text_mode=cfg.text_encoder)
+    if cfg.rate_input == "drawn":
+        if "nominal_rate" not in keep:
+            raise KeyError("keep: rate_input='drawn' needs keep['nominal_rate'] [B, 3], the "
+                           "condition's rate per modality (evaluate.MaskBank adds it)")
+        inputs["missing_rate"] = jnp.asarray(keep["nominal_rate"], jnp.float32)
+    return inputs

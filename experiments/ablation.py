@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ease_jax.config import DATASETS
+from ease_jax.config import DATASETS, behaviour
 from ease_jax.studies import ABLATIONS
 from experiments import cli
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     results = {
         "dataset": ds, "data": {"source": data.source, "sha256": data.sha256,
                                 "synthetic": is_synthetic},
-        "seeds": seeds, "config": run.to_dict(),
+        "seeds": seeds, "config": run.to_dict(), "behaviour": behaviour(run.model, run.train),
         "variants": {v: dict(summary, runs=[f"{slug(v)}_seed_{s}" for s in seeds],
                              change=ABLATIONS[v])
                      for v, summary in summarize_groups(ds, groups, reference="EASE").items()},

@@ -77,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed evaluation batches (default 10; 3 with --quick)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (default 64)")
     p.add_argument("--eval-batch-size", type=int, default=256,
-                   help="evaluation rows per predict call (default 256, as the fit loop)")
+                   help="test rows per timed predict call (default 256); the program batches "
+                        "them as the fit loop does (64 rows on a CPU, 256 on accelerators: "
+                        "`population.default_eval_rows`)")
     p.add_argument("--parallel", choices=("pmap", "shard_map"), default="pmap")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="matmul precision of the model (bf16: for GPUs)")
@@ -97,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training steps per epoch call (default 1; 2 with --population)")
     p.add_argument("--out", default="runs/benchmark.json", help="JSON output path")
     p.add_argument("--quick", action="store_true", help="few steps (3 timed, 1 warm-up)")
+    p.add_argument("--shapes", choices=("mosi", "small"), default="mosi",
+                   help="mosi: the real MOSI lengths and the papers' model (default); small: "
+                        "8 tokens / frames and the narrow synthetic model, a smoke test")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds allowed per configuration (worker process); none by default")
     p.add_argument("--no-isolate", action="store_true",
@@ -187,6 +192,24 @@ def _params(mcfg, how: str):
     return placeholder_params(mcfg)
 
 
+# `--shapes small`: the default CPU run's synthetic lengths and narrow model (a smoke test of
+# the command on a CPU; its figures say nothing about MOSI).
+SMALL_LENGTHS = dict(text_len=8, audio_len=8, vision_len=8)
+
+
+def _data_shapes(args) -> dict:
+    return SMALL_LENGTHS if args.shapes == "small" else {}
+
+
+def _model_shapes(args) -> dict:
+    from ease_jax.config import SYNTHETIC_SMALL_MODEL
+
+    if args.shapes != "small":
+        return {}
+    return dict(SYNTHETIC_SMALL_MODEL, text_len=SMALL_LENGTHS["text_len"],
+                audio_len=SMALL_LENGTHS["audio_len"], vision_len=SMALL_LENGTHS["vision_len"])
+
+
 def run_config(model: str, text_encoder: str, args) -> dict:
     """Measure one (model, text encoder) pair on the fit loop's own programs
     (`population.PopulationProgram` of one run: the epoch program and the predict program);
@@ -204,17 +227,17 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     tag = f"{model}/{text_encoder}"
     t_start = time.perf_counter()
     mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision,
-                        encode_once=not args.no_encode_once)
+                        encode_once=not args.no_encode_once, **_model_shapes(args))
     loss_cfg = LossConfig.preset("code", DATASET)
     tcfg = TrainConfig(batch_size=args.batch_size)
     spe = steps_per_epoch(MOSI_TRAIN, args.batch_size)  # the schedule of a real MOSI run
     n_train = args.epoch_steps * args.batch_size
-    raw = synthetic(DATASET, seed=0, n_train=n_train, n_valid=8, n_test=args.eval_batch_size)
+    raw = synthetic(DATASET, seed=0, n_train=n_train, n_valid=8, n_test=args.eval_batch_size,
+                    **_data_shapes(args))
     data = from_raw(raw, source="synthetic:mosi(seed=0)")
 
     def program(cfg):
-        return PopulationProgram(cfg, loss_cfg, tcfg, n_train, 1, parallel=args.parallel,
-                                 eval_rows=args.eval_batch_size)
+        return PopulationProgram(cfg, loss_cfg, tcfg, n_train, 1, parallel=args.parallel)
 
     prog = program(mcfg)
     _log(f"{tag}: initialising parameters ({len(prog.devices)} {jax.devices()[0].platform} "
@@ -263,8 +286,9 @@ def run_config(model: str, text_encoder: str, args) -> dict:
     train_mem = _peak_memory()  # before the evaluation program exists (max RSS only grows)
 
     _log(f"{tag}: median step {step_s:.4f}s; the evaluation (predict program, r = 0.5)")
-    rows = prog.put_rows(data.test.model_arrays(text_encoder, labels=False), 1)
-    keep = prog.put_rows(eval_keep_masks(data.test, 0.5), 1)
+    test_rows = data.test.model_arrays(text_encoder, labels=False)
+    test_keep = eval_keep_masks(data.test, 0.5)
+    rows, keep = prog.put_rows(test_rows, 1), prog.put_rows(test_keep, 1)
     n_test = data.test.n
     t0 = time.perf_counter()
     jax.block_until_ready(prog.predict(dev_state.params, rows, keep, n_test))
@@ -278,17 +302,20 @@ def run_config(model: str, text_encoder: str, args) -> dict:
 
     # FLOPs: the same programs traced without loops (`ModelConfig.loop_free`; XLA's cost analysis
     # counts a loop body once), one step per epoch call.
+    # (The free predict program takes all test rows as one batch: a map over batches is a loop.)
     free = PopulationProgram(mcfg.loop_free(), loss_cfg, tcfg, args.batch_size, 1,
                              parallel=args.parallel, eval_rows=args.eval_batch_size)
     one_step = free.put_train({k: v[: args.batch_size] for k, v in
                                data.train.model_arrays(text_encoder).items()})
     step_flops = _flops(free.lower_epoch(dev_state, one_step))
-    eval_flops = _flops(free.lower_predict(dev_state.params, rows, keep))
+    eval_flops = _flops(free.lower_predict(dev_state.params, free.put_rows(test_rows, 1),
+                                           free.put_rows(test_keep, 1)))
     mem = _peak_memory()
     row = {
         "model": model, "text_encoder": text_encoder, "parallel": args.parallel,
         "n_devices": len(prog.devices), "batch_size": args.batch_size,
         "global_batch": prog.global_batch, "eval_batch_size": args.eval_batch_size,
+        "eval_rows": prog.eval_rows,
         "epoch_steps": args.epoch_steps, "n_params": n_params, "init_s": init_s,
         "compile_s": compile_s, "first_step_s": first_s / args.epoch_steps,
         "step_flops": step_flops,
@@ -323,12 +350,13 @@ def run_population(model: str, text_encoder: str, n_runs: int, args) -> dict:
 
     tag = f"{model}/{text_encoder} x{n_runs}"
     t_start = time.perf_counter()
-    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision)
+    mcfg = model_config(model, DATASET, text_encoder=text_encoder, precision=args.precision,
+                        **_model_shapes(args))
     tcfg = TrainConfig(batch_size=args.batch_size, epochs=2, warmup_epochs=1)
     run_cfg = RunConfig(dataset=DATASET, model=mcfg, loss=LossConfig.preset("code", DATASET),
                         train=tcfg)
     raw = synthetic(DATASET, seed=0, n_train=args.epoch_steps * args.batch_size, n_valid=32,
-                    n_test=32)
+                    n_test=32, **_data_shapes(args))
     data = from_raw(raw, source="synthetic:mosi(seed=0)")
     _log(f"{tag}: initialising parameters ({jax.local_device_count()} "
          f"{jax.devices()[0].platform} device(s), {args.parallel})")
@@ -384,6 +412,7 @@ def _run_isolated(model: str, text_encoder: str, args, n_runs: int | None = None
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--eval-steps", str(args.eval_steps), "--batch-size", str(args.batch_size),
                "--eval-batch-size", str(args.eval_batch_size), "--parallel", args.parallel,
+               "--shapes", args.shapes,
                "--precision", args.precision,
                *(["--no-encode-once"] if args.no_encode_once else []),
                "--init", args.init]
@@ -510,7 +539,7 @@ def _result(args, env: dict, rows: list[dict], total_s: float, n_configs: int) -
                      "population": args.population_list or None,
                      "epoch_steps": args.epoch_steps, "run_batch": args.run_batch,
                      "precision": args.precision, "encode_once": not args.no_encode_once,
-                     "init": args.init,
+                     "init": args.init, "shapes": args.shapes,
                      "loss_preset": "code", "bert": "bert-base-uncased shape, random weights"},
         "environment": env, "device": device_name(env), "total_s": total_s,
         "complete": len(rows) == n_configs, "results": rows,

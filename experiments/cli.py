@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ease_jax.config import BEHAVIOURS, RATE_INPUTS, TRAIN_MASKS
+
 DEFAULT_DATA = {
     "mosi": "data/MOSI/Processed/unaligned_50.pkl",
     "mosei": "data/MOSEI/Processed/unaligned_50.pkl",
@@ -60,6 +62,22 @@ def add_run_arguments(p: argparse.ArgumentParser, dataset: str | None) -> None:
     p.add_argument("--checkpoint-seconds", type=float, default=30.0,
                    help="save the resumable state at most this often (and after the last "
                         "epoch); 0 = every epoch (default %(default)s)")
+    g = p.add_argument_group(
+        "released behaviour (README \"Where this project differs from the released code\"; "
+        "docs/protocol.md section 12)")
+    g.add_argument("--behaviour", choices=tuple(BEHAVIOURS), default="default",
+                   help="default: this project's choices; released: the released code's "
+                        "training masks, drawn-rate input and sampled EASE evaluation (the "
+                        "three options below, each of which overrides it)")
+    g.add_argument("--train-masks", choices=TRAIN_MASKS, default=None,
+                   help="redrawn: new training masks every epoch from the run's key (default); "
+                        "released: the released generate_m masks, fixed for the run")
+    g.add_argument("--rate-input", choices=RATE_INPUTS, default=None,
+                   help="what EASE's gate and LNLN's L_cc target read: observed missing "
+                        "fraction (default) or drawn rate label (evaluation: the condition's "
+                        "nominal rate)")
+    g.add_argument("--eval-z", choices=("mean", "sampled"), default=None,
+                   help="EASE evaluation: z_hat = mu (default) or sampled as released")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("many processes (README \"Many machines\")")
@@ -229,8 +247,23 @@ def build_run(args, dataset: str, data, is_synthetic: bool, model: str | None = 
     loss = LossConfig.preset(args.loss_preset, dataset)
     if small:
         overrides.update(SYNTHETIC_SMALL_MODEL)
+    switches = behaviour_switches(args)
+    overrides.update(rate_input=switches["rate_input"], sample_at_eval=switches["sample_at_eval"])
+    train_kw["train_masks"] = switches["train_masks"]
     mcfg = model_config(model or args.model[0], dataset, **overrides)
     return mcfg, loss, TrainConfig(**train_kw)
+
+
+def behaviour_switches(args) -> dict:
+    """{"train_masks", "rate_input", "sample_at_eval"} of --behaviour, each overridden by its own
+    option when given (commands without these options get the default behaviour)."""
+    switches = dict(BEHAVIOURS[getattr(args, "behaviour", "default")])
+    for option, key in (("train_masks", "train_masks"), ("rate_input", "rate_input")):
+        if getattr(args, option, None) is not None:
+            switches[key] = getattr(args, option)
+    if getattr(args, "eval_z", None) is not None:
+        switches["sample_at_eval"] = args.eval_z == "sampled"
+    return switches
 
 
 def start_command(args, dataset: str, default_out: str):
@@ -264,7 +297,7 @@ def start_command(args, dataset: str, default_out: str):
 def prepare_run(args, dataset: str, data, is_synthetic: bool, model: str, log):
     """(RunConfig, pretrained BERT parameters or None) of `model` for these arguments: the
     configs of `build_run`, BERT loaded in BERT mode."""
-    from ease_jax.config import RunConfig, replace
+    from ease_jax.config import RunConfig, behaviour, replace
 
     mcfg, loss, tcfg = build_run(args, dataset, data, is_synthetic, model)
     bert_params = None
@@ -280,6 +313,10 @@ def prepare_run(args, dataset: str, data, is_synthetic: bool, model: str, log):
     else:
         log(f"{model}: text encoder = precomputed text FEATURES (frozen BERT), not the papers' "
             "fine-tuned BERT")
+    switches = behaviour(mcfg, tcfg)
+    log(f"{model}: behaviour {switches['name']}: training masks {switches['train_masks']}, "
+        f"missing-rate input {switches['rate_input']}, EASE evaluation z = "
+        f"{switches['eval_z']}")
     return RunConfig(dataset=dataset, model=mcfg, loss=loss, train=tcfg), bert_params
 
 

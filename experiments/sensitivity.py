@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ease_jax.config import DATASETS
+from ease_jax.config import DATASETS, behaviour
 from ease_jax.studies import SENSITIVITY_VALUES
 from experiments import cli
 
@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     label = "synthetic" if is_synthetic else "real"
     results = {"dataset": ds, "data": {"source": data.source, "sha256": data.sha256,
                                        "synthetic": is_synthetic},
-               "seeds": seeds, "config": run.to_dict(), "base_loss": LossConfig.preset("paper", ds),
+               "seeds": seeds, "config": run.to_dict(),
+               "behaviour": behaviour(run.model, run.train), "base_loss": LossConfig.preset("paper", ds),
                "values": args.value_list, "points": points, "settings": summary}
     if cli.is_primary():  # with several processes, process 0 writes the reports
         report.write_outputs(out, "sensitivity", results, report.sensitivity_markdown(results, label),

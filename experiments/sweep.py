@@ -1,7 +1,8 @@
 """The main job, shared by `mosi_sweep`, `mosei_sweep` and `sims_sweep`: train EASE or LNLN under
 the LNLN missingness protocol on several seeds, evaluate every missing rate and modality subset,
 select checkpoints by both protocols (docs/protocol.md section 4), and write results.json,
-results.md, curves.png and run.log under --out.
+results.md, curves.png, training.png and run.log under --out (with several models, also the paired
+comparison: comparison.json / .md / .png).
 
 Without the MMSA pickle the job says where to put it and runs on synthetic data with a small
 configuration (labelled "synthetic" everywhere).
@@ -14,11 +15,13 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ease_jax.config import behaviour
 from ease_jax.report import (
     comparison_markdown,
     jsonable,
     plot_comparison,
     plot_curves,
+    plot_training,
     results_markdown,
     write_json,
 )
@@ -68,16 +71,23 @@ def main(dataset: str, argv=None) -> dict:
     if cli.is_primary():  # with several processes, process 0 writes the reports
         write_json(out / "comparison.json", comparison)
         (out / "comparison.md").write_text(comparison_markdown(comparison, label))
-        plot_comparison(per_model, out / "comparison.png", label)
+        plot_comparison(per_model, out / "comparison.png", label, paired=comparison["paired"])
         log(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
         print((out / "comparison.md").read_text())
     return {"models": per_model, "comparison": comparison}
 
 
 def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Path, log) -> dict:
-    """Train and evaluate one model on every seed; writes results.json / .md and curves.png under
-    `out` and returns the results dict."""
-    from ease_jax.evaluate import RATES, aggregate, constant_baseline, protocol_table
+    """Train and evaluate one model on every seed; writes results.json / .md, curves.png and
+    training.png under `out` and returns the results dict (with "selection_inflation":
+    `evaluate.selection_inflation` of the per-seed paper and honest tables)."""
+    from ease_jax.evaluate import (
+        RATES,
+        aggregate,
+        constant_baseline,
+        protocol_table,
+        selection_inflation,
+    )
     from ease_jax.population import Run
 
     run, bert_params = cli.prepare_run(args, dataset, data, is_synthetic, model, log)
@@ -104,7 +114,9 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
         "data": {"source": data.source, "sha256": data.sha256, "synthetic": is_synthetic,
                  "sizes": [data.train.n, data.valid.n, data.test.n]},
         "config": run.to_dict() | {"model": jsonable(dataclasses.asdict(mcfg))},
+        "behaviour": behaviour(mcfg, run.train),
         "protocols": {p: aggregate(t) for p, t in seed_tables.items()},
+        "selection_inflation": selection_inflation(seed_tables["paper"], seed_tables["honest"]),
         "baselines": {"constant": constant_baseline(data.train.labels, data.test.labels, dataset)},
         "seeds": seeds_out,
         "timings": {"total_seconds": time.perf_counter() - t_start,
@@ -117,6 +129,8 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
         write_json(out / "results.json", results)
         (out / "results.md").write_text(results_markdown(results, model, label))
         plot_curves(results, out / "curves.png", label)
-        log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
+        plot_training(results, out / "training.png", label)
+        log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}, "
+            f"{out / 'training.png'}")
         print((out / "results.md").read_text())
     return results

@@ -182,3 +182,35 @@ class HostEvaluator:
             "burst": {condition_name("rate", r): self.metrics(params, "burst", r)
                       for r in burst_rates},
         }
+
+
+def fake_sweep_results(dataset: str, model: str, seeds, seed: int = 0, epochs: int = 4) -> dict:
+    """A sweep's results dict built by hand (no training): per seed random "honest" and "paper"
+    tables (every rate and kept subset), a short "history" and "selected_epochs"; "protocols" and
+    "selection_inflation" computed from them as `experiments.sweep.run_model` does."""
+    from ease_jax import evaluate as E
+    from ease_jax.metrics import METRIC_KEYS
+
+    keys = METRIC_KEYS[dataset]
+    rng = np.random.default_rng(seed)
+
+    def rows(conds):
+        return {c: {m: float(rng.uniform(0.3, 0.9)) for m in keys} for c in conds}
+
+    def table():
+        return {"per_rate": rows(f"{r:.1f}" for r in E.RATES),
+                "inter_modal": rows(("l", "a", "v", "la", "lv", "av"))}
+
+    seeds_out = {}
+    for s in seeds:
+        history = [{"epoch": e + 1, "train": {"total": float(2.0 / (e + 1)), "lr": 1e-3},
+                    "valid": {"MAE": float(rng.uniform(0.8, 1.2))},
+                    "test": {"MAE": float(rng.uniform(0.8, 1.2))}} for e in range(epochs)]
+        seeds_out[str(s)] = {"honest": table(), "paper": table(), "history": history,
+                             "selected_epochs": {"honest": 2, "paper:MAE": epochs}}
+    tables = {p: [v[p] for v in seeds_out.values()] for p in ("paper", "honest")}
+    return {"dataset": dataset, "model": model, "data": {"source": "fake.pkl"},
+            "protocols": {p: E.aggregate(t) for p, t in tables.items()},
+            "selection_inflation": E.selection_inflation(tables["paper"], tables["honest"]),
+            "baselines": {"constant": {m: 0.5 for m in keys} | {"value": 0.0}},
+            "seeds": seeds_out}

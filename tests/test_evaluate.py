@@ -1,7 +1,8 @@
 """Tests of `ease_jax.evaluate`: cached evaluation masks, batched prediction (padding of the last
 batch, determinism), the two selection protocols, the paper protocol's table assembly and the
-aggregation over seeds. The prediction tests use a TINY EASE (two compilations of its forward
-pass); everything else runs on hand-made numbers."""
+aggregation over seeds, and the paired differences (models against the first, paper protocol
+against honest) recomputed independently with scipy's t quantiles. The prediction tests use a
+TINY EASE (two compilations of its forward pass); everything else runs on hand-made numbers."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def evaluators(data, model):
 
 
 def assert_masks_equal(a, b):
+    a = {k: v for k, v in a.items() if k != "nominal_rate"}  # MaskBank's rate label
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -104,8 +106,10 @@ def test_mask_bank_caches_and_matches_the_mask_makers(data):
     bank = E.MaskBank(data.test)
     first = bank.get("rate", 0.5)
     assert bank.get("rate", 0.5) is first  # cached: the identical object
+    assert set(first) == {"text", "text_features", "audio", "vision", "nominal_rate"}
+    np.testing.assert_array_equal(first["nominal_rate"],
+                                  np.full((data.test.n, 3), 0.5, np.float32))
     assert_masks_equal(first, eval_keep_masks(data.test, 0.5, seed=1111))
-    assert set(first) == {"text", "text_features", "audio", "vision"}
     assert bank.get("rate", 0.2) is not first
     assert_masks_equal(bank.get("subset", "av"), inter_modal_keep_masks(data.test, "av"))
     assert bank.get("subset", "av") is bank.get("subset", "av")
@@ -278,3 +282,96 @@ def test_parse_condition_and_labels():
         E.parse_condition("none", allow_none=False)
     assert E.condition_label(("subset", "la")) == "kept {l,a}"
     assert E.condition_label(("rate", 0.5)) == "r = 0.5"
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired differences (models, protocols), checked against scipy's Student-t quantiles
+
+
+def reference_interval(values, reference):
+    """Independent recomputation: mean of the paired differences and its 95% t-interval."""
+    from scipy.stats import t
+
+    d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+    half = t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def assert_interval(got, values, reference):
+    mean, lo, hi = reference_interval(values, reference)
+    assert got["n"] == len(values)
+    np.testing.assert_allclose([got["mean"], got["lo"], got["hi"]], [mean, lo, hi], rtol=0,
+                               atol=1e-9)
+
+
+def test_paired_difference_by_hand_and_against_scipy():
+    from scipy.stats import t
+
+    # d = [1, 2, 3]: mean 2, sample sd 1 -> half width t_{0.975, 2} / sqrt(3).
+    d = E.paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(2.0)
+    assert d["hi"] - d["mean"] == pytest.approx(t.ppf(0.975, 2) / np.sqrt(3), abs=1e-12)
+    one = E.paired_difference([0.5], [0.2])
+    assert one["mean"] == pytest.approx(0.3) and np.isnan(one["lo"]) and one["n"] == 1
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 31):  # df 1 ... 30: the table, exact to the printed digits
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        assert_interval(E.paired_difference(x, y), x, y)
+    for df in (31, 40, 120, 1000):  # beyond the table: the Cornish-Fisher expansion
+        assert E.t975(df) == pytest.approx(t.ppf(0.975, df), abs=3e-8)
+    with pytest.raises(ValueError):
+        E.paired_difference([], [])
+
+
+def seed_means(tables, section, metric):
+    """Each seed's mean over a section's conditions (independent of `evaluate.condition_mean`)."""
+    return [np.mean([row[metric] for row in t[section].values()]) for t in tables]
+
+
+@pytest.mark.parametrize("dataset", ["mosi", "sims"])
+def test_compare_models_pairs_by_seed(dataset):
+    from helpers import fake_sweep_results
+
+    ease = fake_sweep_results(dataset, "ease", [1, 2, 3, 4], seed=1)
+    lnln = fake_sweep_results(dataset, "lnln", [3, 1, 2, 9], seed=2)  # other order, seed 4 absent
+    lnln["behaviour"] = {"train_masks": "redrawn"}
+    comp = E.compare_models({"ease": ease, "lnln": lnln})
+    assert comp["behaviour"] == {"ease": None, "lnln": {"train_masks": "redrawn"}}
+    assert comp["paired"]["reference"] == "ease"
+    entry = comp["paired"]["models"]["lnln"]
+    assert entry["seeds"] == ["1", "2", "3"]  # shared seeds in the first model's order
+    for proto in ("honest", "paper"):
+        mine = [lnln["seeds"][s][proto] for s in ("1", "2", "3")]
+        ref = [ease["seeds"][s][proto] for s in ("1", "2", "3")]
+        got = entry["protocols"][proto]
+        assert list(got["per_rate"]) == [f"{r:.1f}" for r in E.RATES]
+        assert set(got["inter_modal"]) == {"l", "a", "v", "la", "lv", "av"}
+        for m in METRIC_KEYS[dataset]:
+            for section in ("per_rate", "inter_modal"):
+                for cond, d in got[section].items():
+                    assert_interval(d[m], [t[section][cond][m] for t in mine],
+                                    [t[section][cond][m] for t in ref])
+            for section, summary in (("per_rate", "mean_over_rates"),
+                                     ("inter_modal", "mean_over_subsets")):
+                assert_interval(got[summary][m], seed_means(mine, section, m),
+                                seed_means(ref, section, m))
+
+
+def test_selection_inflation_is_paper_minus_honest_paired_by_seed():
+    from helpers import fake_sweep_results
+
+    res = fake_sweep_results("mosi", "ease", [1, 2, 3], seed=3)
+    infl = res["selection_inflation"]
+    assert set(infl) == {"per_rate_mean", "subset_mean"}
+    paper = [s["paper"] for s in res["seeds"].values()]
+    honest = [s["honest"] for s in res["seeds"].values()]
+    for key, section in (("per_rate_mean", "per_rate"), ("subset_mean", "inter_modal")):
+        assert set(infl[key]) == set(METRIC_KEYS["mosi"])
+        for m in METRIC_KEYS["mosi"]:
+            assert_interval(infl[key][m], seed_means(paper, section, m),
+                            seed_means(honest, section, m))
+    # Without kept-subset results only the 10-rate mean; one seed has no interval.
+    no_subsets = [{"per_rate": t["per_rate"]} for t in paper[:1]]
+    one = E.selection_inflation(no_subsets, [{"per_rate": t["per_rate"]} for t in honest[:1]])
+    assert set(one) == {"per_rate_mean"}
+    assert one["per_rate_mean"]["MAE"]["n"] == 1 and np.isnan(one["per_rate_mean"]["MAE"]["lo"])

@@ -1,5 +1,6 @@
 """Tests of `ease_jax.report`: the Markdown tables given plain data, checked against values
-written by hand."""
+written by hand; the paired comparison, the selection inflation and the one-seed wording on
+hand-made sweep results (`helpers.fake_sweep_results`), and the plots written as PNGs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import math
 
 import numpy as np
 
+from ease_jax import evaluate as E
 from ease_jax import report as R
 from ease_jax.report import benchmark as RB
+
+from helpers import fake_sweep_results
 
 ENV = {"platform": "cpu", "cpu_model": "Test CPU", "host_cpus": 2, "device_kind": "cpu",
        "n_devices": 1}
@@ -82,3 +86,82 @@ def test_ablation_markdown_has_the_papers_row_and_paired_intervals():
     md = R.ablation_markdown(results, "synthetic")
     assert "72.67" in md and "73.41" in md  # the paper's w/o MIPC row (F1 has0 / non0)
     assert "-0.020 [-0.050, +0.010]" in md and "-2.00 [-5.00, +1.00]" in md
+    assert "70.00 ± 1.00" in md
+    results["seeds"] = [1]  # one seed: no "± 0.00" spread
+    assert "70.00 ± " not in R.ablation_markdown(results, "synthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison, selection inflation, one seed, training curves (hand-made results)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BEHAVIOUR = {"train_masks": "redrawn", "rate_input": "observed", "eval_z": "mean",
+             "name": "default"}
+
+
+def two_models(n_seeds):
+    seeds = list(range(1, n_seeds + 1))
+    per_model = {"ease": fake_sweep_results("mosi", "ease", seeds, seed=1),
+                 "lnln": fake_sweep_results("mosi", "lnln", seeds, seed=2)}
+    for res in per_model.values():
+        res["behaviour"] = BEHAVIOUR
+    return per_model, E.compare_models(per_model)
+
+
+def test_comparison_markdown_prints_the_paired_differences():
+    per_model, comp = two_models(3)
+    md = R.comparison_markdown(comp, "synthetic")
+    assert ("Behaviour (default): training masks redrawn, missing-rate input observed, "
+            "EASE evaluation z = mean") in md.splitlines()
+    for proto, desc in (("honest", "honest protocol (valid-selected)"),
+                        ("paper", "paper protocol (test-selected)")):
+        section = md.split(f"## Paired difference from EASE, {desc}")[1].split("\n## ")[0]
+        d = comp["paired"]["models"]["lnln"]["protocols"][proto]
+        mae = d["mean_over_rates"]["MAE"]
+        acc = d["per_rate"]["0.5"]["Non0_acc_2"]
+        lines = section.splitlines()
+        row = next(line for line in lines if line.startswith("| LNLN - EASE | mean over r |"))
+        assert f"| {mae['mean']:+.3f} [{mae['lo']:+.3f}, {mae['hi']:+.3f}] |" in row
+        row = next(line for line in lines if line.startswith("| LNLN - EASE | r = 0.5 |"))
+        lo, hi = 100 * acc["lo"], 100 * acc["hi"]
+        assert f"/ {100 * acc['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in row
+        assert sum(line.startswith("| LNLN - EASE |") for line in lines) == 2 + 10 + 6
+    assert " ± " in md and R.ONE_SEED not in md
+
+
+def test_one_seed_prints_no_spread_and_no_interval():
+    per_model, comp = two_models(1)
+    md = R.comparison_markdown(comp, "synthetic")
+    assert R.ONE_SEED in md and "±" not in md and "Paired difference" not in md
+    res = per_model["ease"]
+    md = R.results_markdown(res, "ease", "synthetic")
+    assert R.ONE_SEED in md and "±" not in md
+    section = md.split("## Selection inflation")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| mean over r |"))
+    assert "[" not in row  # the single seed's difference, no interval
+    assert f"{res['selection_inflation']['per_rate_mean']['MAE']['mean']:+.3f}" in row
+
+
+def test_results_markdown_prints_the_selection_inflation():
+    res = fake_sweep_results("sims", "ease", [1, 2], seed=5)
+    md = R.results_markdown(res, "ease", "synthetic")
+    assert R.ONE_SEED not in md and "Behaviour" not in md  # no "behaviour" key: no line
+    section = md.split("## Selection inflation: how much selecting on the test split flatters "
+                       "each number")[1].split("\n## ")[0]
+    for key, cond in (("per_rate_mean", "mean over r"), ("subset_mean", "mean over kept subsets")):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {cond} |"))
+        f1 = res["selection_inflation"][key]["F1_score"]
+        assert f"| {100 * f1['mean']:+.2f} [{100 * f1['lo']:+.2f}, {100 * f1['hi']:+.2f}] |" in row
+
+
+def test_plot_training_and_the_paired_panel_write_pngs(tmp_path):
+    per_model, comp = two_models(2)
+    R.plot_training(per_model["ease"], tmp_path / "training.png", "synthetic")
+    data = (tmp_path / "training.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+    R.plot_comparison(per_model, tmp_path / "comparison.png", "synthetic", paired=comp["paired"])
+    R.plot_comparison(per_model, tmp_path / "plain.png", "synthetic")
+    data, plain = ((tmp_path / name).read_bytes() for name in ("comparison.png", "plain.png"))
+    width, plain_width = (int.from_bytes(png[16:20], "big") for png in (data, plain))  # IHDR
+    # One more panel: 7 instead of 6 panels of 3.2 inches each.
+    assert data[:8] == PNG_MAGIC and 6 * width == 7 * plain_width

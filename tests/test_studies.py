@@ -5,7 +5,6 @@ tiny data."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -21,23 +20,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings("ignore:Corr is NaN:RuntimeWarning")
 
 
-def test_paired_difference_by_hand():
-    # d = [1, 2, 3]: mean 2, sample sd 1, t_{0.975, 2} = 4.303 -> half width 4.303 / sqrt(3).
-    d = S.paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
-    assert d["n"] == 3 and d["mean"] == pytest.approx(2.0)
-    assert d["lo"] == pytest.approx(2.0 - 4.303 / math.sqrt(3), abs=1e-9)
-    assert d["hi"] == pytest.approx(2.0 + 4.303 / math.sqrt(3), abs=1e-9)
-    # Two pairs: t_{0.975, 1} = 12.706, sd of [0.1, -0.3] = 0.2 sqrt(2).
-    d = S.paired_difference([1.1, 0.7], [1.0, 1.0])
-    half = 12.706 * (0.2 * math.sqrt(2)) / math.sqrt(2)
-    assert d["mean"] == pytest.approx(-0.1) and d["hi"] - d["mean"] == pytest.approx(half)
-    one = S.paired_difference([0.5], [0.2])
-    assert one["mean"] == pytest.approx(0.3) and math.isnan(one["lo"]) and one["n"] == 1
-    many = S.paired_difference(np.arange(40.0), np.zeros(40))  # beyond the table: 1.96
-    assert many["hi"] - many["mean"] == pytest.approx(1.96 * np.std(np.arange(40.0), ddof=1)
-                                                      / math.sqrt(40))
-    with pytest.raises(ValueError):
-        S.paired_difference([], [])
+def test_paired_difference_is_the_one_in_evaluate():
+    from ease_jax import evaluate as E
+
+    assert S.paired_difference is E.paired_difference  # tested in test_evaluate.py
 
 
 def tiny_run_config():

@@ -415,6 +415,20 @@ def check_outputs(out, results, dataset, seeds, epochs, synthetic_data):
     assert "| EASE (ours) | paper (test-selected) |" in md
     assert "| EASE (ours) | honest (valid MAE) |" in md
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "training.png").read_bytes()[:8] == PNG_MAGIC
+    # Selection inflation: paper minus honest 10-rate (and kept-subset) mean, paired by seed.
+    infl = saved["selection_inflation"]
+    assert set(infl) == {"per_rate_mean", "subset_mean"}
+    for m in keys:
+        paper, honest = ([np.mean(list(saved["seeds"][str(s)][p]["per_rate"][r][m]
+                                       for r in RATE_KEYS)) for s in seeds]
+                         for p in ("paper", "honest"))
+        d = infl["per_rate_mean"][m]
+        assert d["n"] == len(seeds) and set(d) == {"mean", "lo", "hi", "n"}
+        if np.all(np.isfinite(paper)):
+            assert d["mean"] == pytest.approx(np.mean(np.subtract(paper, honest)), abs=1e-12)
+    if len(seeds) == 1:
+        assert report.ONE_SEED in md and "±" not in md.split("## Per missing rate")[0]
     log = (out / "run.log").read_text()
     epoch_lines = re.findall(rf"seed_(\d+) epoch (\d+)/{epochs} ", log)
     assert sorted(epoch_lines) == sorted(
@@ -462,7 +476,7 @@ def test_sweep_two_models_write_their_results_and_a_comparison(tiny_pickle, tmp_
         assert saved["model"] == model and saved["config"]["model"]["model"] == model
         assert (out / model / "curves.png").read_bytes()[:8] == PNG_MAGIC
         assert (out / model / "seed_1111" / "best").is_dir()
-    comparison = json.loads((out / "comparison.json").read_text())
+    comparison = json.loads((out / "comparison.json").read_text().replace("NaN", "null"))
     for proto in ("honest", "paper"):
         for model in ("ease", "lnln"):
             mine = comparison["protocols"][proto][model]["per_rate"]["0.9"]["MAE"]["mean"]
@@ -471,6 +485,17 @@ def test_sweep_two_models_write_their_results_and_a_comparison(tiny_pickle, tmp_
     md = (out / "comparison.md").read_text()
     assert "| r | EASE MAE | EASE Corr | LNLN MAE | LNLN Corr |" in md
     assert "| {a,v} |" in md and "| EASE | mean over r |" in md and "| LNLN | mean over r |" in md
+    # One seed: the paired difference is that seed's, with no interval, and the reports say so.
+    assert comparison["paired"]["reference"] == "ease"
+    paired = comparison["paired"]["models"]["lnln"]
+    assert paired["seeds"] == ["1111"] and set(paired["protocols"]) == {"honest", "paper"}
+    d = paired["protocols"]["honest"]["per_rate"]["0.9"]["MAE"]
+    assert d["n"] == 1 and d["lo"] is None  # NaN, read back as None below
+    assert d["mean"] == pytest.approx(
+        res["models"]["lnln"]["seeds"]["1111"]["honest"]["per_rate"]["0.9"]["MAE"]
+        - res["models"]["ease"]["seeds"]["1111"]["honest"]["per_rate"]["0.9"]["MAE"], abs=1e-12)
+    assert set(comparison["behaviour"]) == {"ease", "lnln"}
+    assert report.ONE_SEED in md and "±" not in md and "Paired difference" not in md
     assert (out / "comparison.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "run.log").is_file()
 

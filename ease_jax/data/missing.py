@@ -13,6 +13,7 @@ Mask makers:
 * :func:`burst_keep_masks` -- temporally correlated missingness (two-state Markov chain).
 * :func:`train_keep_masks` -- the training protocol, in JAX: rates halved over the whole split,
   redrawn from a PRNG key every epoch, per-sample noise.
+* :func:`released_train_masks` -- the released code's training masks (NumPy, reseeded, fixed).
 
 :func:`apply_keep_masks` turns a batch (canonical keys of :meth:`ease_jax.data.mmsa.Split.arrays`)
 and keep masks into the incomplete batch the models see, plus the observed per-sample missing rate.
@@ -43,6 +44,7 @@ __all__ = [
     "burst_transition_probs",
     "eval_keep_masks",
     "inter_modal_keep_masks",
+    "released_train_masks",
     "train_keep_masks",
     "train_missing_rates",
     "valid_masks",
@@ -152,6 +154,53 @@ def eval_keep_masks(split: Any, rate: float, *, seed: int = 1111) -> dict[str, n
     finally:
         np.random.set_state(state)
     return {k: out[k] for k in ("text", "text_features", "audio", "vision") if k in out}
+
+
+def released_train_masks(split: Any, seed: int) -> dict[str, np.ndarray]:
+    """The released code's training masks (`generate_m`, docs/protocol.md sections 2 and 12
+    item 1), bit for bit: drawn once and fixed for the whole run (`TrainConfig.train_masks =
+    "released"`).
+
+    The released loader, after `setup_seed(seed)` (NumPy's and Python's generators both seeded
+    with the run's seed), draws the rates ``r_m = np.random.uniform(size=(N, 1))`` for text,
+    audio and vision in that order; then per modality, in the same order, ``random.sample(range(N),
+    int(N / 2))`` (Python's generator) picks the samples set to r = 0; then each modality's
+    `generate_m` call reseeds NumPy with the seed and draws ``uniform(size=(N, T_m))``, keeping
+    ``u > r_m`` at valid positions (text: [CLS] and the last valid token forced kept). Reseeding
+    gives every modality the same uniforms (for one-row modalities the same single number) and
+    every epoch the same masks. Text features (this project's mode) follow `eval_keep_masks`: the
+    text mask when L_f == L, else their own reseeded ``uniform(size=(N, L_f)) > r_text``. NumPy's
+    and Python's global generators are left untouched.
+
+    Returns bool masks ``text`` [N, L], (``text_features`` [N, L_f]), ``audio`` [N, T_a],
+    ``vision`` [N, T_v] and ``rate`` [N, 3] float32, the drawn rates (text, audio, vision).
+    """
+    import random
+
+    arrays = _host_arrays(split)
+    attention = _np_text_valid(arrays)
+    n = attention.shape[0]
+    gen = np.random.RandomState(seed)
+    rates = [gen.uniform(size=(n, 1)) for _ in MODALITIES]
+    halving = random.Random(seed)
+    for r in rates:
+        r[halving.sample(range(n), n // 2)] = 0.0
+
+    def reseeded(shape):  # `generate_m`: np.random.seed(seed) before every draw
+        return np.random.RandomState(seed).uniform(size=shape)
+
+    keep_text = _np_force_text_ends((reseeded(attention.shape) > rates[0]) * attention > 0,
+                                    attention)
+    out = {"text": keep_text}
+    fshape = _features_shape(arrays)
+    if fshape is not None:
+        out["text_features"] = (keep_text.copy() if fshape[1] == attention.shape[1]
+                                else reseeded(fshape) > rates[0])
+    for m, r in zip(("audio", "vision"), rates[1:]):
+        valid = _np_frame_valid(arrays, m)
+        out[m] = (reseeded(valid.shape) > r) & valid
+    out["rate"] = np.concatenate(rates, axis=1).astype(np.float32)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Numbers come from the library (`ease_jax.evaluate`, `ease_jax.analysis`); this module only lays
 them out: `results_markdown` (Table 1 layout with the papers' rows, per rate, inter-modal, Table 6,
-bursts), `comparison_markdown`, `plot_curves` / `plot_comparison` (Fig. 3 style), `write_json`.
+bursts, selection inflation), `comparison_markdown` (with paired differences), `plot_curves` /
+`plot_comparison` (Fig. 3 style), `plot_training` (loss and MAE per epoch), `write_json`.
 """
 
 from __future__ import annotations
@@ -36,15 +37,33 @@ TABLE_COLUMNS["mosei"] = TABLE_COLUMNS["mosi"]
 
 
 def comparison_markdown(comparison: dict, label: str) -> str:
+    """comparison.md from `evaluate.compare_models`: per protocol the models' means (± std over
+    seeds), MAE and Corr per rate and kept subset, and each model's paired difference from the
+    first model (same seeds, 95% t-interval)."""
     ds = comparison["dataset"]
     head = [name for name, _ in TABLE_COLUMNS[ds]]
     models = list(comparison["seeds"])
+    n_seeds = {m: len(s) for m, s in comparison["seeds"].items()}
+    paired = comparison.get("paired", {"reference": models[0], "models": {}})
+    ref = paired["reference"].upper()
     lines = [f"# {' vs '.join(m.upper() for m in models)} on {ds.upper()} ({label} data: "
              f"{comparison['data']['source']})", "",
              "Test metrics, mean over seeds (" + ", ".join(
                  f"{m.upper()}: {len(s)} seed(s)" for m, s in comparison["seeds"].items())
              + "). Accuracies and F1 in %. Each model's own results.md has the paper rows, the "
                "per-seed spread and the other protocol's details.", ""]
+    behaviours = {m: behaviour_line(b) for m, b in comparison.get("behaviour", {}).items() if b}
+    if len(set(behaviours.values())) == 1 and len(behaviours) == len(models):
+        lines += [next(iter(behaviours.values())), ""]
+    else:
+        lines += [f"{m.upper()}: {b}" for m, b in behaviours.items()] + [""] * bool(behaviours)
+    if max(n_seeds.values()) == 1:
+        lines += [ONE_SEED, ""]
+    for m in models[1:]:
+        n = len(paired["models"].get(m, {}).get("seeds", []))
+        if n < 2 and max(n_seeds.values()) > 1:
+            lines += [f"{m.upper()} and {ref} share {n} seed(s): no paired comparison with an "
+                      "interval; a single seed cannot compare models.", ""]
     constant = row_cells(ds, comparison["baselines"]["constant"])
     for proto, desc in (("honest", "honest protocol (valid-selected)"),
                         ("paper", "paper protocol (test-selected)")):
@@ -53,11 +72,11 @@ def comparison_markdown(comparison: dict, label: str) -> str:
                   "| model | condition | " + " | ".join(head) + " |",
                   "|---|---|" + "---|" * len(head)]
         for model in models:
-            lines.append(f"| {model.upper()} | mean over r | "
-                         + " | ".join(row_cells(ds, rows[model]["mean_over_rates"], True)) + " |")
+            lines.append(f"| {model.upper()} | mean over r | " + " | ".join(
+                row_cells(ds, rows[model]["mean_over_rates"], True, n_seeds[model])) + " |")
             if rows[model]["mean_over_subsets"]:
-                lines.append(f"| {model.upper()} | mean over kept subsets | "
-                             + " | ".join(row_cells(ds, rows[model]["mean_over_subsets"], True)) + " |")
+                lines.append(f"| {model.upper()} | mean over kept subsets | " + " | ".join(
+                    row_cells(ds, rows[model]["mean_over_subsets"], True, n_seeds[model])) + " |")
         lines.append("| constant (train median) | - | " + " | ".join(constant) + " |")
         lines += ["", f"## MAE and Corr per missing rate, {desc}", "",
                   "| r | " + " | ".join(f"{m.upper()} MAE | {m.upper()} Corr" for m in models)
@@ -80,6 +99,18 @@ def comparison_markdown(comparison: dict, label: str) -> str:
                     v = rows[m]["inter_modal"][sub]
                     cells += [fmt("MAE", v["MAE"]["mean"]), fmt("Corr", v["Corr"]["mean"])]
                 lines.append(f"| {{{','.join(sub)}}} | " + " | ".join(cells) + " |")
+        # Only with two or more shared seeds: one seed's difference has no interval to read.
+        others = {m: v for m, v in paired["models"].items() if len(v["seeds"]) >= 2}
+        if others:
+            shared = ", ".join(f"{m.upper()}: {len(v['seeds'])}" for m, v in others.items())
+            lines += ["", f"## Paired difference from {ref}, {desc}", "",
+                      f"Model minus {ref} on the same seeds ({shared} seeds), "
+                      "mean [95% Student-t interval] over seeds; accuracies and F1 in points. "
+                      "An interval that excludes 0 is a difference the seeds agree on.", "",
+                      "| model | condition | " + " | ".join(head) + " |",
+                      "|---|---|" + "---|" * len(head)]
+            for m, v in others.items():
+                lines += paired_rows(ds, v["protocols"][proto], f"{m.upper()} - {ref}")
         lines.append("")
     lines.append(f"Constant predictor MAE: {fmt('MAE', comparison['baselines']['constant']['MAE'])}"
                  f"; Corr is undefined for it (NaN).")
@@ -87,9 +118,11 @@ def comparison_markdown(comparison: dict, label: str) -> str:
 
 
 
-def plot_comparison(per_model: dict, path: Path, label: str) -> None:
+def plot_comparison(per_model: dict, path: Path, label: str, paired: dict | None = None) -> None:
     """All models' curves in one figure: metric vs missing rate, honest protocol solid and paper
-    protocol dashed, mean ± std over seeds, the constant predictor dotted."""
+    protocol dashed, mean ± std over seeds, the constant predictor dotted. With `paired`
+    (comparison["paired"] of `evaluate.compare_models`) one more panel: each other model's MAE
+    minus the first model's per rate, paired by seed, with its 95% interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,9 +131,28 @@ def plot_comparison(per_model: dict, path: Path, label: str) -> None:
     first = next(iter(per_model.values()))
     ds = first["dataset"]
     metrics = [m for _, ms in TABLE_COLUMNS[ds] for m in ms[:1]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0))
+    extra = bool(paired and paired["models"])
+    fig, axes = plt.subplots(1, len(metrics) + extra, figsize=(3.2 * (len(metrics) + extra), 3.0))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, m in zip(axes, metrics):
+    if extra:
+        ax = axes[-1]
+        for color, model in zip(colors[1:], list(per_model)[1:]):
+            if model not in paired["models"]:
+                continue
+            for proto, style in (("honest", "-o"), ("paper", "--s")):
+                per_rate = paired["models"][model]["protocols"][proto]["per_rate"]
+                rates = [float(r) for r in per_rate]
+                d = [per_rate[r]["MAE"] for r in per_rate]
+                ax.plot(rates, [x["mean"] for x in d], style, color=color, ms=3,
+                        label=f"{model.upper()} {proto}")
+                # NaN bounds (one shared seed) draw no band.
+                ax.fill_between(rates, [x["lo"] for x in d], [x["hi"] for x in d], color=color,
+                                alpha=0.15)
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_title(f"Δ MAE vs {paired['reference'].upper()} (paired, 95% CI)", fontsize=9)
+        ax.set_xlabel("missing rate r")
+        ax.legend(fontsize=6)
+    for ax, m in zip(axes, metrics):  # zip stops before the paired panel
         for color, (model, res) in zip(colors, per_model.items()):
             for proto, style in (("honest", "-o"), ("paper", "--s")):
                 per_rate = res["protocols"][proto]["per_rate"]
@@ -129,23 +181,61 @@ def fmt(metric: str, v: float) -> str:
     return f"{v:.3f}" if metric in ("MAE", "Corr") else f"{100 * v:.2f}"
 
 
-def row_cells(dataset: str, values: dict, std: bool = False) -> list[str]:
+def mean_std(metric: str, v: dict, n_seeds: int | None = None) -> str:
+    """{"mean", "std"} as "mean ± std"; with one seed only the mean (a spread of one is no
+    spread, and "± 0.00" would read as a measured one)."""
+    return fmt(metric, v["mean"]) + ("" if n_seeds == 1 else f" ± {fmt(metric, v['std'])}")
+
+
+def row_cells(dataset: str, values: dict, std: bool = False,
+              n_seeds: int | None = None) -> list[str]:
     """The cells of one table row in the `TABLE_COLUMNS` layout; `values[m]` a number or
-    {"mean", "std"} (with `std`: "mean ± std")."""
+    {"mean", "std"} (with `std`: "mean ± std", unless `n_seeds` is 1)."""
     cells = []
     for _, metrics in TABLE_COLUMNS[dataset]:
         parts = []
         for m in metrics:
             v = values[m]
             if isinstance(v, dict):
-                s = fmt(m, v["mean"])
-                if std:
-                    s += f" ± {fmt(m, v['std'])}"
+                parts.append(mean_std(m, v, n_seeds) if std else fmt(m, v["mean"]))
             else:
-                s = fmt(m, v)
-            parts.append(s)
+                parts.append(fmt(m, v))
         cells.append(" / ".join(parts))
     return cells
+
+
+ONE_SEED = ("One seed: no spread and no interval; a single seed cannot compare models or "
+            "measure how much selecting on the test split flatters a number.")
+
+_BEHAVIOUR_WORDS = {"train_masks": "training masks", "rate_input": "missing-rate input",
+                    "eval_z": "EASE evaluation z ="}
+
+
+def behaviour_line(behaviour: dict | None) -> str | None:
+    """results' "behaviour" dict (`config.behaviour`) as one line, e.g. {"train_masks":
+    "redrawn", "eval_z": "mean", "name": "default"} -> "Behaviour (default): training masks
+    redrawn, EASE evaluation z = mean"; None without one."""
+    if not behaviour:
+        return None
+    name = f" ({behaviour['name']})" if behaviour.get("name") else ""
+    return f"Behaviour{name}: " + ", ".join(f"{_BEHAVIOUR_WORDS.get(k, k)} {v}"
+                                           for k, v in behaviour.items() if k != "name")
+
+
+def paired_rows(dataset: str, paired: dict, name: str) -> list[str]:
+    """Table rows "| name | condition | cells |" of a `evaluate.paired_tables` dict: the 10-rate
+    and kept-subset means, then every rate and subset; cells "mean [lo, hi]" per metric."""
+    def row(cond: str, d: dict) -> str:
+        cells = [" / ".join(_interval(m, d[m]) for m in ms) for _, ms in TABLE_COLUMNS[dataset]]
+        return f"| {name} | {cond} | " + " | ".join(cells) + " |"
+
+    lines = [row("mean over r", paired["mean_over_rates"])]
+    if "mean_over_subsets" in paired:
+        lines.append(row("mean over kept subsets", paired["mean_over_subsets"]))
+    lines += [row(f"r = {r}", d) for r, d in paired["per_rate"].items()]
+    lines += [row(f"kept {{{','.join(sub)}}}", d)
+              for sub, d in paired.get("inter_modal", {}).items()]
+    return lines
 
 
 
@@ -153,9 +243,13 @@ def results_markdown(results: dict, model: str, label: str) -> str:
     ds = results["dataset"]
     head = [name for name, _ in TABLE_COLUMNS[ds]]
     n_seeds = len(results["seeds"])
+    behaviour = behaviour_line(results.get("behaviour"))
     lines = [f"# {model.upper()} on {ds.upper()} ({label} data: {results['data']['source']})", "",
-             f"Intra-modal missingness, mean over r = 0.0 ... 0.9; {n_seeds} seed(s), mean ± std "
-             "over seeds. Accuracies and F1 in %. Paper rows are the papers' numbers (paper "
+             *([behaviour, ""] if behaviour else []),
+             *([ONE_SEED, ""] if n_seeds == 1 else []),
+             f"Intra-modal missingness, mean over r = 0.0 ... 0.9; {n_seeds} seed(s)"
+             + (", mean ± std over seeds" if n_seeds > 1 else "")
+             + ". Accuracies and F1 in %. Paper rows are the papers' numbers (paper "
              "protocol, real MMSA data); they are comparable to ours only on the same data.", "",
              "| row | protocol | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(head)]
@@ -167,11 +261,26 @@ def results_markdown(results: dict, model: str, label: str) -> str:
             i += len(metrics)
         lines.append(f"| {name} | paper (test-selected) | " + " | ".join(merged) + " |")
     for proto, desc in (("paper", "paper (test-selected)"), ("honest", "honest (valid MAE)")):
-        lines.append(f"| {model.upper()} (ours) | {desc} | "
-                     + " | ".join(row_cells(ds, results["protocols"][proto]["mean_over_rates"], True))
-                     + " |")
+        lines.append(f"| {model.upper()} (ours) | {desc} | " + " | ".join(
+            row_cells(ds, results["protocols"][proto]["mean_over_rates"], True, n_seeds)) + " |")
     lines.append("| constant (train median) | - | "
                  + " | ".join(row_cells(ds, results["baselines"]["constant"])) + " |")
+    inflation = results.get("selection_inflation")
+    if inflation:
+        lines += ["", "## Selection inflation: how much selecting on the test split flatters each "
+                  "number", "",
+                  "Paper protocol minus honest protocol, paired by seed, mean [95% Student-t "
+                  "interval]; accuracies and F1 in points. Negative MAE and positive accuracy, F1 "
+                  "and Corr: the test-selected number reads better than the valid-selected one."
+                  + (" One seed: the difference of that seed, no interval." if n_seeds == 1
+                     else ""), "",
+                  "| condition | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for key, cond in (("per_rate_mean", "mean over r"),
+                          ("subset_mean", "mean over kept subsets")):
+            if key in inflation:
+                cells = [" / ".join(_interval(m, inflation[key][m]) for m in ms)
+                         for _, ms in TABLE_COLUMNS[ds]]
+                lines.append(f"| {cond} | " + " | ".join(cells) + " |")
     for proto in ("honest", "paper"):
         agg = results["protocols"][proto]
         lines += ["", f"## Per missing rate, {proto} protocol", "",
@@ -184,7 +293,7 @@ def results_markdown(results: dict, model: str, label: str) -> str:
             for s, vals in agg["inter_modal"].items():
                 lines.append(f"| {{{','.join(s)}}} | " + " | ".join(row_cells(ds, vals)) + " |")
             lines.append("| mean | " + " | ".join(row_cells(ds, agg["mean_over_subsets"])) + " |")
-            lines += single_modality_table(ds, agg, proto)
+            lines += single_modality_table(ds, agg, proto, n_seeds)
         if agg.get("burst"):
             lines += ["", f"## Burst missingness (beyond the papers), {proto} protocol", "",
                       "| r | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
@@ -196,6 +305,48 @@ def results_markdown(results: dict, model: str, label: str) -> str:
 def plot_curves(results: dict, path: Path, label: str) -> None:
     """Metric vs missing rate (like the EASE paper's Fig. 3), both protocols, mean ± std."""
     plot_comparison({results.get('model', 'model'): results}, path, label)
+
+
+def plot_training(results: dict, path: Path, label: str) -> None:
+    """Training as it went, one line per seed: training loss, valid MAE and test MAE at the
+    selection rate per epoch, from results["seeds"][seed]["history"] (entries {"epoch" (1-based),
+    "train": {"total" (or "loss"), ...}, "valid": {metric: v}, "test": {metric: v}}). The honest
+    protocol's epoch (selected_epochs["honest"], 1-based) is a star on the valid curve, the paper
+    protocol's MAE choice (selected_epochs["paper:MAE"]) a cross on the test curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rate = results.get("config", {}).get("train", {}).get("eval_rate", 0.5)
+    panels = (("training loss", lambda h: h["train"].get("total", h["train"].get("loss"))),
+              ("valid MAE", lambda h: h["valid"]["MAE"]),
+              (f"test MAE at r = {rate:g}", lambda h: h["test"]["MAE"]))
+    marks = {1: ("honest", "*"), 2: ("paper:MAE", "x")}  # panel -> (criterion, marker)
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (seed, entry) in enumerate(results["seeds"].items()):
+        history = entry.get("history") or []
+        epochs = [h["epoch"] for h in history]
+        color = colors[k % len(colors)]
+        for i, (ax, (title, value)) in enumerate(zip(axes, panels)):
+            ys = [value(h) for h in history]
+            ax.plot(epochs, ys, "-", color=color, lw=1, label=f"seed {seed}" if i == 0 else None)
+            crit, marker = marks.get(i, (None, None))
+            chosen = entry.get("selected_epochs", {}).get(crit)
+            if chosen in epochs:  # one legend entry per criterion, not per seed
+                ax.plot([chosen], [ys[epochs.index(chosen)]], marker, color=color, ms=9,
+                        label=f"{crit} choice" if k == 0 else None)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("epoch")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{results.get('model', 'model').upper()} on {results['dataset'].upper()} "
+                 f"({label} data): training, {len(results['seeds'])} seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def jsonable(x):
@@ -218,7 +369,8 @@ SINGLE_MODALITY_ROWS = (("all (r = 0)", "per_rate", "0.0"), ("w/o {v}", "inter_m
                         ("w/o {a}", "inter_modal", "lv"), ("w/o {l}", "inter_modal", "av"))
 
 
-def single_modality_table(dataset: str, agg: dict, proto: str) -> list[str]:
+def single_modality_table(dataset: str, agg: dict, proto: str,
+                          n_seeds: int | None = None) -> list[str]:
     """Table 6 (single-modality ablation) as a view of the inter-modal results: no retraining,
     the same model with one modality removed at test time (mean ± std over seeds)."""
     head = [name for name, _ in TABLE_COLUMNS[dataset]]
@@ -226,8 +378,8 @@ def single_modality_table(dataset: str, agg: dict, proto: str) -> list[str]:
              "", "| input | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, section, cond in SINGLE_MODALITY_ROWS:
         if cond in agg.get(section, {}):
-            lines.append(f"| {name} | " + " | ".join(row_cells(dataset, agg[section][cond], True))
-                         + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                row_cells(dataset, agg[section][cond], True, n_seeds)) + " |")
     return lines
 
 
@@ -300,8 +452,7 @@ def ablation_markdown(results: dict, label: str) -> str:
                   "|---|" + "---|" * (len(head) + (2 if ds == "mosi" else 0))]
         for v, entry in results["variants"].items():
             means = entry["protocols"][proto]["mean_over_rates"]
-            cells = [" / ".join(f"{fmt(m, means[m]['mean'])} ± {fmt(m, means[m]['std'])}"
-                                for m in ms) for _, ms in cols]
+            cells = [" / ".join(mean_std(m, means[m], n) for m in ms) for _, ms in cols]
             paired = entry.get("paired", {}).get(proto)
             cells += ["-" if v == "EASE" or paired is None else _interval(m, paired[m])
                       for _, m in diff_metrics]
@@ -372,7 +523,7 @@ def sensitivity_markdown(results: dict, label: str) -> str:
             for w in ("l1", "l2", "l3"):
                 for _, m in SENSITIVITY_METRICS:
                     x = by[(w, float(v))][m]
-                    cells.append(f"{fmt(m, x['mean'])} ± {fmt(m, x['std'])}")
+                    cells.append(mean_std(m, x, len(results["seeds"])))
             lines.append(f"| {v:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""`python -m experiments.compare NAME=RUN NAME=RUN ...`: finished sweep runs side by side, each
+against the first paired by seed (README "Where this project differs from the released code").
+
+A RUN is a sweep's output directory for one model (holding results.json) or the results.json
+itself. The runs must be on the same data (same sha256); they may differ in model, behaviour
+(`--behaviour`, `--train-masks`, `--rate-input`, `--eval-z`) or anything else. Writes
+comparison.json, comparison.md and comparison.png under --out, as a multi-model sweep does:
+per protocol every run's mean ± std, and every other run's difference from the first paired by
+seed with its 95% t-interval (`evaluate.compare_models`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ease_jax.evaluate import compare_models
+from ease_jax.report import comparison_markdown, plot_comparison, write_json
+from experiments import cli
+
+
+def run_arg(text: str) -> tuple[str, Path]:
+    """NAME=RUN -> (name, path of its results.json)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN (a run directory or its "
+                                         f"results.json), got {text!r}")
+    p = Path(path)
+    return name, p / "results.json" if p.is_dir() else p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare",
+        description="Compare finished sweep runs, each against the first, paired by seed; "
+                    "writes comparison.json / .md / .png.")
+    p.add_argument("runs", nargs="+", type=run_arg, metavar="NAME=RUN",
+                   help="a name and a run directory (or its results.json); the first is the "
+                        "reference")
+    p.add_argument("--out", default="runs/compare", help="output directory (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def load_results(runs: list[tuple[str, Path]]) -> dict:
+    """{name: results dict}; a clear error for a missing or foreign file, a repeated name or
+    runs on different data."""
+    out: dict = {}
+    for name, path in runs:
+        if name in out:
+            raise SystemExit(f"error: the name {name!r} is given twice")
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file (give a sweep's output directory for "
+                             "one model, or its results.json)")
+        try:
+            res = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}: not JSON ({e})") from None
+        if not isinstance(res, dict) or not {"dataset", "data", "seeds", "protocols"} <= set(res):
+            raise SystemExit(f"error: {path}: not a sweep's results.json (no dataset / data / "
+                             "seeds / protocols)")
+        first = next(iter(out.values()), res)
+        if res["data"].get("sha256") != first["data"].get("sha256"):
+            raise SystemExit(f"error: {path}: trained on other data ({res['data'].get('source')},"
+                             f" sha256 {res['data'].get('sha256')}) than {runs[0][1]} "
+                             f"({first['data'].get('source')})")
+        out[name] = res
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    per_run = load_results(args.runs)
+    comparison = compare_models(per_run)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = "synthetic" if next(iter(per_run.values()))["data"].get("synthetic") else "real"
+    write_json(out / "comparison.json", comparison)
+    (out / "comparison.md").write_text(comparison_markdown(comparison, label))
+    plot_comparison(per_run, out / "comparison.png", label, paired=comparison["paired"])
+    print((out / "comparison.md").read_text())
+    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
+    return comparison
+
+
+if __name__ == "__main__":
+    cli.exit_on_error(main)
