@@ -20,6 +20,7 @@ from ease_jax.data.missing import (
     train_missing_rates,
 )
 from ease_jax.evaluate import MaskBank
+
 from helpers import tiny_data_and_model
 
 

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from experiments import compare
+
 from helpers import fake_sweep_results
 
 
