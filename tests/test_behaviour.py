@@ -152,8 +152,8 @@ class Recorder:
         return self.model.apply(variables, inputs, *args, **kwargs)
 
 
-@pytest.mark.parametrize("model", ["ease", "lnln"])
-@pytest.mark.parametrize("masks", ["redrawn", "released"])
+# Both models and both mask modes, in two compiles (each case compiles the step twice).
+@pytest.mark.parametrize("model, masks", [("ease", "released"), ("lnln", "redrawn")])
 def test_drawn_rate_mode_feeds_the_drawn_rates_inside_the_real_step(monkeypatch, model, masks):
     data, mcfg = tiny_data_and_model(model, n_train=12)
     seen: list = []
