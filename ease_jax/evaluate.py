@@ -319,6 +319,16 @@ def selection_inflation(paper: list[dict], honest: list[dict]) -> dict:
     return out
 
 
+def summarize_seeds(seeds: dict) -> dict:
+    """A run's over-seed summary from its per-seed protocol tables (`seeds[seed]["paper"]` and
+    `["honest"]`, `protocol_table`s, in the dict's order): {"protocols": {protocol: `aggregate`},
+    "selection_inflation": `selection_inflation`}. The one place a sweep's results.json gets
+    these, whether its seeds trained in one program or were pooled from several runs."""
+    tables = {p: [s[p] for s in seeds.values()] for p in ("paper", "honest")}
+    return {"protocols": {p: aggregate(t) for p, t in tables.items()},
+            "selection_inflation": selection_inflation(tables["paper"], tables["honest"])}
+
+
 def compare_models(per_model: dict) -> dict:
     """Side-by-side view of several models' results on the same data (`per_model[model]` a
     sweep's results dict, with its per-seed tables in results["seeds"][seed]["honest" / "paper"]):

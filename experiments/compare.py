@@ -15,8 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ease_jax.evaluate import compare_models
-from ease_jax.report import comparison_markdown, plot_comparison, write_json
+from ease_jax.report import write_comparison
 from experiments import cli
 
 
@@ -71,16 +70,10 @@ def load_results(runs: list[tuple[str, Path]]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     per_run = load_results(args.runs)
-    comparison = compare_models(per_run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = "synthetic" if next(iter(per_run.values()))["data"].get("synthetic") else "real"
-    write_json(out / "comparison.json", comparison)
-    (out / "comparison.md").write_text(comparison_markdown(comparison, label))
-    plot_comparison(per_run, out / "comparison.png", label, paired=comparison["paired"])
-    print((out / "comparison.md").read_text())
-    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
-    return comparison
+    return write_comparison(out, per_run, label)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,7 @@ import time
 from pathlib import Path
 
 from ease_jax.config import behaviour
-from ease_jax.report import (
-    comparison_markdown,
-    jsonable,
-    plot_comparison,
-    plot_curves,
-    plot_training,
-    results_markdown,
-    write_json,
-)
+from ease_jax.report import jsonable, write_comparison, write_run_reports
 from experiments import cli
 
 
@@ -65,15 +57,12 @@ def main(dataset: str, argv=None) -> dict:
         per_model[model] = run_model(args, dataset, data, is_synthetic, model, model_out, log)
     if single:
         return per_model[models[0]]
-    from ease_jax.evaluate import compare_models
-
-    comparison = compare_models(per_model)
     if cli.is_primary():  # with several processes, process 0 writes the reports
-        write_json(out / "comparison.json", comparison)
-        (out / "comparison.md").write_text(comparison_markdown(comparison, label))
-        plot_comparison(per_model, out / "comparison.png", label, paired=comparison["paired"])
-        log(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
-        print((out / "comparison.md").read_text())
+        comparison = write_comparison(out, per_model, label, log)
+    else:
+        from ease_jax.evaluate import compare_models
+
+        comparison = compare_models(per_model)
     return {"models": per_model, "comparison": comparison}
 
 
@@ -81,30 +70,23 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
     """Train and evaluate one model on every seed; writes results.json / .md, curves.png and
     training.png under `out` and returns the results dict (with "selection_inflation":
     `evaluate.selection_inflation` of the per-seed paper and honest tables)."""
-    from ease_jax.evaluate import (
-        RATES,
-        aggregate,
-        constant_baseline,
-        protocol_table,
-        selection_inflation,
-    )
+    from ease_jax.evaluate import RATES, constant_baseline, protocol_table, summarize_seeds
     from ease_jax.population import Run
 
     run, bert_params = cli.prepare_run(args, dataset, data, is_synthetic, model, log)
     mcfg = run.model
     label = "synthetic" if is_synthetic else "real"
 
-    seeds_out, seed_tables, t_start = {}, {"paper": [], "honest": []}, time.perf_counter()
+    seeds_out, t_start = {}, time.perf_counter()
     burst_rates = RATES if args.burst else ()
     runs = [Run(seed) for seed in run.train.seeds]
     records = cli.train_runs(args, run, data, runs, out, log, bert_params, burst_rates)
     for r in runs:
         rec = records[r.label]
-        for protocol in seed_tables:
-            seed_tables[protocol].append(protocol_table(dataset, rec["selected"], protocol))
         seeds_out[str(r.seed)] = {
             "selected_epochs": {c: res["epoch"] + 1 for c, res in rec["selected"].items()},
-            "paper": seed_tables["paper"][-1], "honest": seed_tables["honest"][-1],
+            "paper": protocol_table(dataset, rec["selected"], "paper"),
+            "honest": protocol_table(dataset, rec["selected"], "honest"),
             "history": rec["history"], "seconds": rec["seconds"],
             "population": rec["population"],
         }
@@ -115,22 +97,19 @@ def run_model(args, dataset: str, data, is_synthetic: bool, model: str, out: Pat
                  "sizes": [data.train.n, data.valid.n, data.test.n]},
         "config": run.to_dict() | {"model": jsonable(dataclasses.asdict(mcfg))},
         "behaviour": behaviour(mcfg, run.train),
-        "protocols": {p: aggregate(t) for p, t in seed_tables.items()},
-        "selection_inflation": selection_inflation(seed_tables["paper"], seed_tables["honest"]),
+        **summarize_seeds(seeds_out),
         "baselines": {"constant": constant_baseline(data.train.labels, data.test.labels, dataset)},
         "seeds": seeds_out,
         "timings": {"total_seconds": time.perf_counter() - t_start,
-                    "train_seconds": sum(s["seconds"]["train"] for s in seeds_out.values()),
-                    "eval_seconds": sum(s["seconds"]["eval"] for s in seeds_out.values()),
-                    "host_seconds": sum(s["seconds"]["host"] for s in seeds_out.values()),
-                    "protocol_seconds": sum(s["seconds"]["protocol"] for s in seeds_out.values())},
+                    **seed_seconds(seeds_out.values())},
     }
     if cli.is_primary():  # with several processes, process 0 writes the reports
-        write_json(out / "results.json", results)
-        (out / "results.md").write_text(results_markdown(results, model, label))
-        plot_curves(results, out / "curves.png", label)
-        plot_training(results, out / "training.png", label)
-        log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}, "
-            f"{out / 'training.png'}")
-        print((out / "results.md").read_text())
+        write_run_reports(out, results, label, log)
     return results
+
+
+def seed_seconds(seeds) -> dict:
+    """The summed per-seed seconds of training, selection evaluation, host work and the final
+    protocol (`seeds`: per-seed results entries with "seconds")."""
+    return {f"{k}_seconds": sum(s["seconds"][k] for s in seeds)
+            for k in ("train", "eval", "host", "protocol")}

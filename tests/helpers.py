@@ -187,7 +187,8 @@ class HostEvaluator:
 def fake_sweep_results(dataset: str, model: str, seeds, seed: int = 0, epochs: int = 4) -> dict:
     """A sweep's results dict built by hand (no training): per seed random "honest" and "paper"
     tables (every rate and kept subset), a short "history" and "selected_epochs"; "protocols" and
-    "selection_inflation" computed from them as `experiments.sweep.run_model` does."""
+    "selection_inflation" computed from them as `experiments.sweep.run_model` does
+    (`evaluate.summarize_seeds`)."""
     from ease_jax import evaluate as E
     from ease_jax.metrics import METRIC_KEYS
 
@@ -208,9 +209,7 @@ def fake_sweep_results(dataset: str, model: str, seeds, seed: int = 0, epochs: i
                     "test": {"MAE": float(rng.uniform(0.8, 1.2))}} for e in range(epochs)]
         seeds_out[str(s)] = {"honest": table(), "paper": table(), "history": history,
                              "selected_epochs": {"honest": 2, "paper:MAE": epochs}}
-    tables = {p: [v[p] for v in seeds_out.values()] for p in ("paper", "honest")}
     return {"dataset": dataset, "model": model, "data": {"source": "fake.pkl"},
-            "protocols": {p: E.aggregate(t) for p, t in tables.items()},
-            "selection_inflation": E.selection_inflation(tables["paper"], tables["honest"]),
+            **E.summarize_seeds(seeds_out),
             "baselines": {"constant": {m: 0.5 for m in keys} | {"value": 0.0}},
             "seeds": seeds_out}

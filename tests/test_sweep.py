@@ -462,6 +462,53 @@ def test_sweep_end_to_end_tiny_model(tiny_pickle, tmp_path, monkeypatch):
     assert results["baselines"]["constant"]["value"] == median
 
 
+def test_pooled_one_seed_runs_read_as_the_two_seed_run(tiny_pickle, tmp_path, monkeypatch):
+    """`experiments.pool` of two one-seed sweeps equals the two-seed sweep of the same seeds: a
+    seed's numbers do not depend on the seeds beside it (up to float rounding), and the summary
+    is recomputed from the pooled seeds."""
+    from experiments import pool
+
+    share_compilations(monkeypatch)
+    runs = {}
+    for name, seeds in (("a", "1112"), ("b", "1111"), ("ab", "1111,1112")):
+        argv = two_seed_argv(tiny_pickle, tmp_path / name)
+        argv[argv.index("--seeds") + 1] = seeds
+        runs[name] = sweep.main("mosi", argv=argv)
+    pooled = pool.main([str(tmp_path / "a"), str(tmp_path / "b" / "results.json"),
+                        "--out", str(tmp_path / "pooled")])["ease"]
+    both = runs["ab"]
+    assert list(pooled["seeds"]) == ["1111", "1112"]  # numeric order, whatever the run order
+    assert pooled["config"]["train"]["seeds"] == [1111, 1112]
+    assert {k: v for k, v in pooled["config"].items() if k != "train"} == \
+        {k: v for k, v in both["config"].items() if k != "train"}
+    assert [(src["path"].endswith(p), src["seeds"]) for src, p in
+            zip(pooled["pooled_from"], ("a/results.json", "b/results.json"))] == \
+        [(True, [1112]), (True, [1111])]
+
+    def close(mine, ref, where):
+        for k, v in ref.items():
+            if isinstance(v, dict):
+                close(mine[k], v, f"{where}.{k}")
+            elif "acc" in k or "F1" in k:  # 8 test rows: a class flip would move 12.5 points
+                assert abs(mine[k] - v) < 13.0, (where, k)
+            elif not np.isnan(v):
+                assert mine[k] == pytest.approx(v, abs=2e-3), (where, k)
+
+    for s in ("1111", "1112"):
+        close(pooled["seeds"][s]["honest"], both["seeds"][s]["honest"], s)
+    close(pooled["protocols"], both["protocols"], "protocols")
+    # The summary is the one recomputed from the pooled per-seed tables, not copied from a run.
+    assert pooled["protocols"] == E.summarize_seeds(pooled["seeds"])["protocols"]
+    saved = json.loads((tmp_path / "pooled" / "results.json").read_text().replace("NaN", "null"))
+    assert saved["pooled_from"][0]["seeds"] == [1112] and set(saved["seeds"]) == {"1111", "1112"}
+    md = (tmp_path / "pooled" / "results.md").read_text()
+    assert "Seeds pooled from 2 runs" in md and "2 seed(s), mean ± std over seeds" in md
+    for png in ("curves.png", "training.png"):
+        assert (tmp_path / "pooled" / png).read_bytes()[:8] == PNG_MAGIC
+    assert pooled["timings"]["total_seconds"] == pytest.approx(
+        runs["a"]["timings"]["total_seconds"] + runs["b"]["timings"]["total_seconds"])
+
+
 def test_sweep_two_models_write_their_results_and_a_comparison(tiny_pickle, tmp_path,
                                                                monkeypatch):
     share_compilations(monkeypatch)

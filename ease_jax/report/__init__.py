@@ -239,6 +239,14 @@ def paired_rows(dataset: str, paired: dict, name: str) -> list[str]:
 
 
 
+def pooled_line(sources: list[dict]) -> str:
+    """The header line of a run pooled by `experiments.pool` from several runs' seeds."""
+    parts = ", ".join(f"{src['path']} (seeds {', '.join(map(str, src['seeds']))})"
+                      for src in sources)
+    return (f"Seeds pooled from {len(sources)} runs of the same configuration on the same data "
+            f"(`python -m experiments.pool`): {parts}.")
+
+
 def results_markdown(results: dict, model: str, label: str) -> str:
     ds = results["dataset"]
     head = [name for name, _ in TABLE_COLUMNS[ds]]
@@ -246,6 +254,7 @@ def results_markdown(results: dict, model: str, label: str) -> str:
     behaviour = behaviour_line(results.get("behaviour"))
     lines = [f"# {model.upper()} on {ds.upper()} ({label} data: {results['data']['source']})", "",
              *([behaviour, ""] if behaviour else []),
+             *([pooled_line(results["pooled_from"]), ""] if results.get("pooled_from") else []),
              *([ONE_SEED, ""] if n_seeds == 1 else []),
              f"Intra-modal missingness, mean over r = 0.0 ... 0.9; {n_seeds} seed(s)"
              + (", mean ± std over seeds" if n_seeds > 1 else "")
@@ -392,6 +401,31 @@ def write_outputs(out: Path, stem: str, results: dict, markdown: str, plot, log=
     plot(out / f"{stem}.png")
     log(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}")
     print(markdown)
+
+
+def write_run_reports(out: Path, results: dict, label: str, log=print) -> None:
+    """A sweep's files for one model under `out`: results.json, results.md (also printed),
+    curves.png and training.png."""
+    out = Path(out)
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_markdown(results, results["model"], label))
+    plot_curves(results, out / "curves.png", label)
+    plot_training(results, out / "training.png", label)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}, "
+        f"{out / 'training.png'}")
+    print((out / "results.md").read_text())
+
+
+def write_comparison(out: Path, per_model: dict, label: str, log=print) -> dict:
+    """comparison.json / .md (also printed) / .png under `out` for several runs' results
+    (`per_model` {name: results}, the first the reference); returns `evaluate.compare_models`."""
+    from ease_jax.evaluate import compare_models
+
+    comparison = compare_models(per_model)
+    write_outputs(out, "comparison", comparison, comparison_markdown(comparison, label),
+                  lambda path: plot_comparison(per_model, path, label,
+                                               paired=comparison["paired"]), log)
+    return comparison
 
 
 def write_json(path: Path, obj) -> None:
