@@ -8,6 +8,7 @@ The commands parse arguments, call the library and write what it returns through
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -352,6 +353,25 @@ def condition(text: str, *, allow_none: bool):
         return parse_condition(text, allow_none=allow_none)
     except ValueError as e:
         raise RunError(f"--{e}") from None
+
+
+RESULTS_KEYS = ("dataset", "model", "data", "config", "seeds", "protocols", "baselines")
+
+
+def read_results(path: Path) -> dict:
+    """A sweep's results.json (`path`), with one clear error for a missing, damaged or foreign
+    file (used by the commands that read finished runs: compare, pool)."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file (give a sweep's output directory for one "
+                         "model, or its results.json)")
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not JSON ({e})") from None
+    missing = [k for k in RESULTS_KEYS if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise SystemExit(f"error: {path}: not a sweep's results.json (no {' / '.join(missing)})")
+    return res
 
 
 def exit_on_error(main_fn, argv=None):

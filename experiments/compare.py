@@ -12,7 +12,6 @@ seed with its 95% t-interval (`evaluate.compare_models`).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ease_jax.report import write_comparison
@@ -48,16 +47,7 @@ def load_results(runs: list[tuple[str, Path]]) -> dict:
     for name, path in runs:
         if name in out:
             raise SystemExit(f"error: the name {name!r} is given twice")
-        if not path.is_file():
-            raise SystemExit(f"error: {path}: no such file (give a sweep's output directory for "
-                             "one model, or its results.json)")
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}: not JSON ({e})") from None
-        if not isinstance(res, dict) or not {"dataset", "data", "seeds", "protocols"} <= set(res):
-            raise SystemExit(f"error: {path}: not a sweep's results.json (no dataset / data / "
-                             "seeds / protocols)")
+        res = cli.read_results(path)
         first = next(iter(out.values()), res)
         if res["data"].get("sha256") != first["data"].get("sha256"):
             raise SystemExit(f"error: {path}: trained on other data ({res['data'].get('source')},"

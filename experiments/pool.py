@@ -15,7 +15,6 @@ per-seed tables by `evaluate.summarize_seeds`), and with several models the pair
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ease_jax.evaluate import summarize_seeds
@@ -40,26 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_results(path: Path) -> dict:
-    """One results.json, with a clear error for a missing, damaged or foreign file."""
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: no such file")
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not JSON ({e})") from None
-    if not isinstance(res, dict) or not {"dataset", "model", "data", "config", "seeds",
-                                         "baselines"} <= set(res):
-        raise SystemExit(f"error: {path}: not a sweep's results.json (no dataset / model / data "
-                         "/ config / seeds / baselines)")
-    return res
-
-
 def models_of(run: Path) -> dict[str, Path]:
     """{model: results.json path} of one RUN argument."""
     if run.is_file() or (run / "results.json").is_file():
         path = run if run.is_file() else run / "results.json"
-        return {read_results(path)["model"]: path}
+        return {cli.read_results(path)["model"]: path}
     if not run.is_dir():
         raise SystemExit(f"error: {run}: no such file or directory")
     found = {d.name: d / "results.json" for d in sorted(run.iterdir())
@@ -138,7 +122,7 @@ def main(argv=None) -> dict:
         if set(found) != set(models):
             raise SystemExit(f"error: {run} holds the models {sorted(found)}, {args.runs[0]} "
                              f"holds {sorted(models)}; every run must hold the same models")
-    pooled = {m: pool_results([(found[m], read_results(found[m])) for found in per_run])
+    pooled = {m: pool_results([(found[m], cli.read_results(found[m])) for found in per_run])
               for m in models}
     label = "synthetic" if pooled[models[0]]["data"].get("synthetic") else "real"
     for m, res in pooled.items():

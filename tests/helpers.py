@@ -210,6 +210,7 @@ def fake_sweep_results(dataset: str, model: str, seeds, seed: int = 0, epochs: i
         seeds_out[str(s)] = {"honest": table(), "paper": table(), "history": history,
                              "selected_epochs": {"honest": 2, "paper:MAE": epochs}}
     return {"dataset": dataset, "model": model, "data": {"source": "fake.pkl"},
+            "config": {"dataset": dataset, "train": {"seeds": [int(s) for s in seeds]}},
             **E.summarize_seeds(seeds_out),
             "baselines": {"constant": {m: 0.5 for m in keys} | {"value": 0.0}},
             "seeds": seeds_out}
