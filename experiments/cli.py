@@ -374,6 +374,15 @@ def read_results(path: Path) -> dict:
     return res
 
 
+def check_same_data(path: Path, res: dict, ref_path: Path, ref: dict) -> None:
+    """Stop with an error unless the run at `path` trained on the same data (sha256) as the one
+    at `ref_path` (their results dicts `res`, `ref`)."""
+    if res["data"].get("sha256") != ref["data"].get("sha256"):
+        raise SystemExit(f"error: {path}: trained on other data ({res['data'].get('source')}, "
+                         f"sha256 {res['data'].get('sha256')}) than {ref_path} "
+                         f"({ref['data'].get('source')})")
+
+
 def exit_on_error(main_fn, argv=None):
     """Run `main_fn(argv)`; the project's own errors about inputs (a run directory, a data file,
     a condition) end the command with one `error: ...` line and a non-zero exit."""

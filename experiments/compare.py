@@ -48,11 +48,7 @@ def load_results(runs: list[tuple[str, Path]]) -> dict:
         if name in out:
             raise SystemExit(f"error: the name {name!r} is given twice")
         res = cli.read_results(path)
-        first = next(iter(out.values()), res)
-        if res["data"].get("sha256") != first["data"].get("sha256"):
-            raise SystemExit(f"error: {path}: trained on other data ({res['data'].get('source')},"
-                             f" sha256 {res['data'].get('sha256')}) than {runs[0][1]} "
-                             f"({first['data'].get('source')})")
+        cli.check_same_data(path, res, runs[0][1], next(iter(out.values()), res))
         out[name] = res
     return out
 

@@ -83,9 +83,7 @@ def pool_results(runs: list[tuple[Path, dict]]) -> dict:
                 raise SystemExit(f"error: {path}: {key} {res.get(key)!r} differs from "
                                  f"{first_path} ({first.get(key)!r}); only runs of one "
                                  "configuration pool")
-        if res["data"].get("sha256") != first["data"].get("sha256"):
-            raise SystemExit(f"error: {path}: trained on other data ({res['data'].get('source')},"
-                             f" sha256 {res['data'].get('sha256')}) than {first_path}")
+        cli.check_same_data(path, res, first_path, first)
         diff = _difference(_without_seeds(res["config"]), _without_seeds(first["config"]))
         if diff:
             raise SystemExit(f"error: {path}: config differs from {first_path} at {diff}; only "
